@@ -1,0 +1,193 @@
+"""`c2w bench`: the recipe that runs every method through the same streams and writes the report.
+
+Linear on purpose: resolve config -> validate streams (before any model loads) -> load backbone ->
+filter controls by what the base really knows -> per seed: base evaluation, then each method ->
+aggregate -> results.json + report.md + plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from c2w.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from c2w.evaluation.drift import base_logprobs, encode_passages
+from c2w.evaluation.probeset import build_probeset
+from c2w.evaluation.runner import EvalContext, evaluate, run_learner
+from c2w.learners import BASELINES, LearnerConfig, make_learner
+from c2w.streams.controls import add_controls, control_candidates
+from c2w.streams.fictional import FictionalConfig, generate_fictional
+from c2w.streams.general_text import general_text
+from c2w.streams.records import Record, Stream
+from c2w.streams.validate import load_stream
+
+# Learning rates per method, chosen by the full preset's grid on the validation seed (see BENCHMARKS.md).
+DEFAULT_LR = {"lora": 1e-3, "lora-replay": 1e-3, "full-ft": 3e-5}
+LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "lora-replay": [3e-4, 1e-3, 3e-3], "full-ft": [1e-5, 3e-5, 1e-4]}
+
+PRESETS = {
+    "quick": dict(seeds=1, episodes=4, facts_per_episode=6, update_fraction=0.15, controls=12,
+                  general_texts=8, token_budget=1536, progress_points=2, lr_search=False),
+    "full": dict(seeds=3, episodes=5, facts_per_episode=12, update_fraction=0.15, controls=24,
+                 general_texts=16, token_budget=4096, progress_points=3, lr_search=True),
+}
+
+
+@dataclass
+class BenchConfig:
+    stream: str = field(default="fictional", metadata={"help": "'fictional' (built-in generator) or a JSONL stream path"})
+    methods: list[str] = field(default_factory=lambda: list(BASELINES), metadata={"help": "methods to run"})
+    preset: str = field(default="quick", metadata={"help": "size of the run", "choices": list(PRESETS)})
+    seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are 0..N-1)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default runs/bench-<time>)"})
+    probe_format: str = field(default="raw", metadata={"help": "score probes raw or through the chat template", "choices": ["raw", "chat"]})
+    episodes: int | None = field(default=None, metadata={"help": "fictional: episodes"})
+    facts_per_episode: int | None = field(default=None, metadata={"help": "fictional: facts per episode"})
+    update_fraction: float | None = field(default=None, metadata={"help": "fictional: share of later facts that update earlier ones"})
+    stress: int = field(default=0, metadata={"help": "fictional: noise, duplicate and known records per episode (gate stress)"})
+    controls: int | None = field(default=None, metadata={"help": "built-in control probes kept (those the base answers); 0 = none"})
+    general_texts: int | None = field(default=None, metadata={"help": "held-out passages for general-text drift"})
+    token_budget: int | None = field(default=None, metadata={"help": "trained tokens per episode, for every weight-writing method"})
+    lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
+    lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
+    progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode's write"})
+    validation_seed: int = field(default=1000, metadata={"help": "seed used only to choose hyperparameters, never reported"})
+
+    def resolved(self) -> "BenchConfig":
+        """Fill every None from the preset."""
+        p = PRESETS[self.preset]
+        return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) is None})
+
+
+def build_stream(cfg: BenchConfig, seed: int) -> Stream:
+    if cfg.stream == "fictional":
+        return generate_fictional(FictionalConfig(
+            episodes=cfg.episodes, facts_per_episode=cfg.facts_per_episode, update_fraction=cfg.update_fraction,
+            noise_per_episode=cfg.stress, duplicates_per_episode=cfg.stress, known_per_episode=cfg.stress, seed=seed))
+    return load_stream(cfg.stream)  # raises StreamError listing every problem
+
+
+def known_controls(bb: Backbone, n: int, probe_format: str) -> list[Record]:
+    """Built-in control facts, kept only where the base answers correctly: locality then measures
+    what the model really knew, not noise around chance."""
+    if n <= 0:
+        return []
+    cands = control_candidates(4 * n, seed=0)
+    probes = build_probeset(Stream(cands))
+    ctx = EvalContext(Stream(cands), probes, probe_format, [], [])
+    snap = evaluate(bb.model, bb.tokenizer, ctx, with_logprob=False)
+    ok = {probes.items[k].record_id for k in np.flatnonzero(snap.correct)}
+    return [r for r in cands if r.id in ok][:n]
+
+
+def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
+    return LearnerConfig(lr=lr or cfg.lr or DEFAULT_LR.get(method, 1e-3), token_budget=cfg.token_budget,
+                         progress_points=cfg.progress_points, seed=seed)
+
+
+def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Record], passages, base_lp,
+             methods: list[str], lrs: dict[str, float], seed: int, bar=None) -> dict[str, dict]:
+    if controls and not any(r.role == "control" for r in stream.records):
+        stream = add_controls(stream, controls)
+    ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp)
+    base = evaluate(bb.model, bb.tokenizer, ctx)
+    out = {}
+    for m in methods:
+        if bar is not None:
+            bar.set_description(f"seed {seed} {m}")
+        learner = make_learner(m, bb, learner_config(cfg, m, seed, lrs.get(m)))
+        out[m] = run_learner(learner, ctx, base, bar)
+        del learner
+    return out
+
+
+def choose_lrs(bb, cfg, controls, passages, base_lp) -> dict[str, dict]:
+    """Grid-search each weight-writing method's lr on the validation seed by final ACC."""
+    stream = build_stream(cfg, cfg.validation_seed)
+    choice = {}
+    for m in cfg.methods:
+        if m not in LR_GRID:
+            continue
+        scores = {}
+        for lr in tqdm(LR_GRID[m], desc=f"lr grid {m}", leave=False):
+            res = run_seed(bb, cfg, stream, controls, passages, base_lp, [m], {m: lr}, cfg.validation_seed)[m]
+            scores[lr] = res["acc"]
+        choice[m] = {"lr": max(scores, key=lambda k: scores[k]), "acc_by_lr": scores}
+    return choice
+
+
+def provenance(bb: Backbone) -> dict:
+    import peft
+    import transformers
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "versions": {"c2w": __import__("c2w").__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__,
+                         "python": platform.python_version()},
+            "hardware": {"platform": platform.platform(), "processor": platform.processor(),
+                         "cpu_threads": torch.get_num_threads(), "device": str(bb.device),
+                         "gpu": torch.cuda.get_device_name(bb.device) if bb.device.type == "cuda" else None},
+            "model": bb.name, "model_params": bb.n_params}
+
+
+def bench(cfg: BenchConfig) -> dict:
+    from c2w.report import aggregate_runs, write_report
+
+    cfg = cfg.resolved()
+    t0 = time.perf_counter()
+    seeds = list(range(cfg.seeds))
+    streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
+    out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    bb = load_backbone(cfg.model, cfg.device)
+    controls = known_controls(bb, cfg.controls, cfg.probe_format)
+    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
+    base_lp = base_logprobs(bb.model, passages)
+    lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
+    lrs = {m: c["lr"] for m, c in lr_choice.items()}
+    runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    with tqdm(total=len(seeds) * len(cfg.methods) * streams[0].n_episodes, desc="bench", unit="episode") as bar:
+        for s in seeds:
+            for m, r in run_seed(bb, cfg, streams[s], controls, passages, base_lp, cfg.methods, lrs, s, bar).items():
+                runs[m].append(r)
+    results = {
+        "config": {**dataclasses.asdict(cfg), "n_controls": len(controls),
+                   "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR.get(m) for m in cfg.methods if m in DEFAULT_LR},
+                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[0].meta},
+        "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},
+        "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
+    }
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    write_report(results, out)
+    return results
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

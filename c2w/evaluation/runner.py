@@ -1,0 +1,162 @@
+"""Run one learner through one stream and measure everything after every episode."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from c2w.evaluation import metrics as M
+from c2w.evaluation.drift import drift
+from c2w.evaluation.memory import PeakMemory
+from c2w.evaluation.probeset import ProbeSet
+from c2w.evaluation.scoring import format_prompts, score_probes
+from c2w.learners.base import Learner
+from c2w.streams.records import Stream
+
+
+@dataclass
+class Snapshot:
+    """Per-item scores of one evaluation (aligned with ProbeSet.items)."""
+
+    correct: np.ndarray
+    strict: np.ndarray
+    logprob: np.ndarray
+    seconds: float
+
+
+@dataclass
+class EvalContext:
+    """Everything the runner needs that does not change across methods within a seed."""
+
+    stream: Stream
+    probes: ProbeSet
+    probe_format: str
+    passages: list  # encoded general-text passages
+    base_lp: list  # base log-probs on them
+    batch_size: int = 32
+
+
+def evaluate(model, tokenizer, ctx: EvalContext, learner: Learner | None = None, subset: list[int] | None = None,
+             with_logprob: bool = True) -> Snapshot:
+    idx = list(range(len(ctx.probes.items))) if subset is None else subset
+    prompts = [ctx.probes.items[k].probe.prompt for k in idx]
+    if learner is not None:
+        prompts = learner.contextualize(prompts)
+    prompts = format_prompts(tokenizer, prompts, ctx.probe_format)
+    answers = [ctx.probes.items[k].probe.answer for k in idx]
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    scores = score_probes(model, tokenizer, prompts, answers, batch_size=ctx.batch_size, with_logprob=with_logprob)
+    model.train(was_training)
+    return Snapshot(np.array([s.correct for s in scores], bool), np.array([s.strict for s in scores], bool),
+                    np.array([s.logprob for s in scores], float), time.perf_counter() - t0)
+
+
+def _by_episode(values: np.ndarray, ps: ProbeSet) -> np.ndarray:
+    """Mean of `values` over each episode's matrix items -> [T] (nan where an episode has none)."""
+    out = np.full(ps.n_episodes, np.nan)
+    for j in range(ps.n_episodes):
+        k = ps.of("matrix", j)
+        if k:
+            out[j] = float(np.mean(values[k]))
+    return out
+
+
+def run_learner(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) -> dict:
+    """Observe each episode, evaluate all probes after it; return this run's metrics dict."""
+    with PeakMemory(learner.backbone.device) as mem:
+        out = _run(learner, ctx, base, progress_bar)
+    out["cost"]["peak_mem_mb"] = mem.peak_mb
+    return out
+
+
+def _run(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) -> dict:
+    ps, tok = ctx.probes, learner.tokenizer
+    snaps: list[Snapshot] = []
+    curves: list[list[float]] = []  # per episode: current-episode accuracy at budget fractions
+    wall0 = time.perf_counter()
+    for i in range(ps.n_episodes):
+        cur = ps.of("matrix", i)
+        prev = snaps[-1] if snaps else base
+        curve = [float(prev.correct[cur].mean()) if cur else np.nan]
+
+        def on_progress(step: int, tokens: int, cur=cur, curve=curve) -> None:
+            if cur:
+                with torch.no_grad():
+                    curve.append(float(evaluate(learner.model, tok, ctx, learner, cur, with_logprob=False).correct.mean()))
+
+        learner.observe(i, ctx.stream.observations(i), on_progress if cur else None)
+        learner.end_episode(i)
+        snaps.append(base if not learner.writes_weights and learner.name == "none" else
+                     evaluate(learner.model, tok, ctx, learner))
+        curve.append(float(snaps[-1].correct[cur].mean()) if cur else np.nan)
+        curves.append(curve)
+        if progress_bar is not None:
+            progress_bar.update(1)
+    wall = time.perf_counter() - wall0
+    return summarise(learner, ctx, base, snaps, curves, wall)
+
+
+def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Snapshot], curves, wall: float) -> dict:
+    ps = ctx.probes
+    R = np.stack([_by_episode(s.correct.astype(float), ps) for s in snaps])
+    b = _by_episode(base.correct.astype(float), ps)
+    Rs = np.stack([_by_episode(s.strict.astype(float), ps) for s in snaps])
+    Rlp = np.stack([_by_episode(s.logprob, ps) for s in snaps])
+    matrix_items = ps.of("matrix")
+    correct = np.stack([s.correct[matrix_items] for s in snaps])
+    learned_at = np.array([ps.items[k].episode for k in matrix_items])
+    final = snaps[-1]
+
+    # Updates: the new record's probes (matrix items) vs the replaced record's old answer (stale items).
+    new_ok, stale = [], []
+    for new_id, old_id in ps.updates:
+        n = [k for k in matrix_items if ps.items[k].record_id == new_id]
+        o = [k for k, it in enumerate(ps.items) if it.kind == "stale" and it.record_id == old_id]
+        if n and o:
+            new_ok.append(float(final.correct[n].mean()))
+            stale.append(float(final.correct[o].mean()))
+    ctrl = ps.of("control")
+    control_acc = float(final.correct[ctrl].mean()) if ctrl else np.nan
+    control_base = float(base.correct[ctrl].mean()) if ctrl else np.nan
+    locality = {"control_acc": control_acc,
+                "control_rel": control_acc / control_base if ctrl and control_base > 0 else np.nan}
+    with torch.no_grad():
+        locality.update(drift(learner.model, ctx.passages, ctx.base_lp) if ctx.passages else
+                        {"kl": np.nan, "ppl_ratio": np.nan})
+
+    # Learning speed: each episode's curve sampled at equal budget fractions; mean over episodes.
+    width = max(len(c) for c in curves)
+    grid = np.array([c if len(c) == width else [c[0]] * (width - 1) + [c[-1]] for c in curves], float)
+    mean_curve = np.nanmean(grid, axis=0) if np.isfinite(grid).any() else grid[0]
+    fractions = np.linspace(0, 1, width)
+
+    gate = {}
+    for role in ("learn", "noise", "known", "duplicate"):
+        ids = [r.id for r in ctx.stream.records if r.role == role]
+        gate[f"written_{role}"] = (sum(i in learner.written_ids for i in ids) / len(ids)) if ids else np.nan
+    n_written = max(1, len(learner.written_ids))
+    c = learner.cost
+    out = {
+        "group": learner.group,
+        "accuracy_matrix": R.tolist(),
+        "base_accuracy": b.tolist(),
+        **M.cl_metrics(R, b),
+        "strict": {"acc": float(np.nanmean(Rs[-1])), "learning_accuracy": float(np.nanmean(np.diag(Rs)))},
+        "logprob": {"final_mean": float(np.nanmean(Rlp[-1])), "matrix": Rlp.tolist()},
+        "flips": M.flip_counts(correct, learned_at),
+        "updates": {**M.update_metrics(np.array(new_ok), np.array(stale))},
+        "locality": locality,
+        "learning_speed": {"auc": M.learning_curve_auc(fractions.tolist(), mean_curve.tolist()),
+                           "steps": fractions.tolist(), "acc": mean_curve.tolist()},
+        "gate": gate,
+        "cost": {"trained_tokens": c.trained_tokens, "train_steps": c.train_steps, "flops": c.flops,
+                 "train_s": c.train_s, "wall_s": wall, "trainable_params": c.trainable_params,
+                 "state_bytes_per_record": learner.state_bytes() / n_written,
+                 "probe_latency_ratio": final.seconds / max(base.seconds, 1e-9)},
+    }
+    return out

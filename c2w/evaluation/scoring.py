@@ -1,0 +1,80 @@
+"""Probe scoring by real greedy decoding.
+
+A probe is correct when its normalised answer appears as whole words in the first non-empty line of
+the greedy continuation, cut at the answer's length plus `slack` tokens. We also report strict
+prefix match (the continuation, after leading spaces only, starts with the answer) and the
+teacher-forced mean log-probability of the answer, a continuous signal that moves before accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+
+from c2w.fast import answer_logprobs, greedy_decode
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
+
+
+def normalise(s: str) -> str:
+    """Lower case, punctuation to spaces, whitespace collapsed."""
+    s = unicodedata.normalize("NFKC", s).lower()
+    return " ".join(_PUNCT.sub(" ", s).split())
+
+
+def first_line(s: str) -> str:
+    for line in s.splitlines():
+        if line.strip():
+            return line
+    return ""
+
+
+def contains_words(haystack: str, needle: str) -> bool:
+    n = normalise(needle)
+    return bool(n) and f" {n} " in f" {normalise(haystack)} "
+
+
+def is_correct(continuation: str, answer: str) -> bool:
+    """The lenient-but-honest rule: answer as whole words in the first non-empty line."""
+    return contains_words(first_line(continuation), answer)
+
+
+def is_strict(continuation: str, answer: str) -> bool:
+    """Strict prefix: a blank line or any preamble ("The answer is") before the answer fails."""
+    head = normalise(continuation.lstrip(" \t"))
+    if continuation.lstrip(" \t")[:1] in ("\n", "\r"):
+        return False
+    n = normalise(answer)
+    return bool(n) and (head == n or head.startswith(n + " "))
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    continuation: str
+    correct: bool
+    strict: bool
+    logprob: float
+
+
+def format_prompts(tokenizer, prompts: list[str], probe_format: str) -> list[str]:
+    """`raw`: the prompt as is. `chat`: the prompt as one user turn through the chat template."""
+    if probe_format == "raw":
+        return list(prompts)
+    if probe_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--probe-format chat needs a tokenizer with a chat template")
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    raise ValueError(f"probe format must be 'raw' or 'chat', got {probe_format!r}")
+
+
+def score_probes(model, tokenizer, prompts: list[str], answers: list[str], *, slack: int = 4,
+                 batch_size: int = 32, with_logprob: bool = True) -> list[ProbeScore]:
+    """Score already-formatted prompts against their answers."""
+    n_ans = [len(tokenizer(" " + a, add_special_tokens=False).input_ids) for a in answers]
+    ids = greedy_decode(model, tokenizer, prompts, [n + slack for n in n_ans], batch_size=batch_size)
+    conts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    lps = answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size) if with_logprob else [float("nan")] * len(prompts)
+    return [ProbeScore(c, is_correct(c, a), is_strict(c, a), lp) for c, a, lp in zip(conts, answers, lps)]

@@ -1,0 +1,42 @@
+"""`full-ft`: sequential full fine-tuning of every backbone weight (the one method that unfreezes it)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+
+from c2w.learners.base import Learner, Timer
+from c2w.learners.train import epoch_sampler, write_texts
+
+
+class FullFTLearner(Learner):
+    name = "full-ft"
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.net = copy.deepcopy(backbone.model).requires_grad_(True)
+        self.params = list(self.net.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.cost.trainable_params = sum(p.numel() for p in self.params)
+        self.flops_per_token = 6 * backbone.n_params
+
+    def observe(self, episode, observations, progress=None) -> None:
+        texts = [o.text for o in observations if o.text.strip()]
+        if not texts:
+            return
+        with Timer(self.cost):
+            write_texts(self.net, self.tokenizer, self.opt, self.params, epoch_sampler(texts, self.cfg.batch_size, self.rng),
+                        self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token, progress,
+                        self.cfg.progress_points)
+        self.written_ids.update(o.id for o in observations if o.text.strip())
+
+    @property
+    def model(self):
+        return self.net
+
+    def state_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)

@@ -1,0 +1,52 @@
+"""`lora`: one PEFT LoRA adapter on the frozen backbone, trained sequentially on each episode."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from c2w.learners.base import Learner, Timer
+from c2w.learners.train import epoch_sampler, write_texts
+
+
+def lora_config(cfg) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+class LoraLearner(Learner):
+    name = "lora"
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        # A private copy: PEFT injects layers in place, and other methods share the backbone.
+        self.peft = get_peft_model(copy.deepcopy(backbone.model), lora_config(cfg))
+        self.params = [p for p in self.peft.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.cost.trainable_params = sum(p.numel() for p in self.params)
+        # Forward 2N + backward through frozen weights 2N per token, + 6 per trainable parameter.
+        self.flops_per_token = 4 * backbone.n_params + 6 * self.cost.trainable_params
+
+    def batches(self, texts: list[str]):
+        return epoch_sampler(texts, self.cfg.batch_size, self.rng)
+
+    def observe(self, episode, observations, progress=None) -> None:
+        texts = [o.text for o in observations if o.text.strip()]
+        if not texts:
+            return
+        with Timer(self.cost):
+            write_texts(self.peft, self.tokenizer, self.opt, self.params, self.batches(texts), self.cfg.token_budget,
+                        self.cfg.max_len, self.cost, self.flops_per_token, progress, self.cfg.progress_points)
+        self.written_ids.update(o.id for o in observations if o.text.strip())
+
+    @property
+    def model(self):
+        return self.peft
+
+    def state_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)

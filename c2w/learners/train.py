@@ -1,0 +1,62 @@
+"""The write loop shared by the weight-writing baselines: spend a token budget on LM steps."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import torch
+
+from c2w.fast import lm_loss
+from c2w.learners.base import Cost, Progress
+
+
+def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask [B, L] for a batch of texts."""
+    tokenizer.padding_side = "right"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                    add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
+                flops_per_token: float, progress: Progress | None = None, progress_points: int = 0) -> None:
+    """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
+
+    Every batch's real (non-pad) tokens count, replayed ones included. `progress` fires when the
+    spent budget crosses k/(progress_points+1), k = 1..progress_points.
+    """
+    dev = next(model.parameters()).device
+    used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
+    while used < token_budget:
+        ids, att = collate(tokenizer, sample_batch(), max_len, dev)
+        loss = lm_loss(model, ids, att, att.bool())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n = int(att.sum())
+        used += n
+        cost.trained_tokens += n
+        cost.train_steps += 1
+        cost.flops += flops_per_token * n
+        while marks and used >= marks[0]:
+            marks.pop(0)
+            if progress:
+                progress(cost.train_steps, cost.trained_tokens)
+
+
+def epoch_sampler(texts: list[str], batch_size: int, rng: random.Random) -> Callable[[], list[str]]:
+    """Batches that walk shuffled passes over `texts`, reshuffling at each pass."""
+    order: list[str] = []
+
+    def sample() -> list[str]:
+        batch = []
+        while len(batch) < min(batch_size, len(texts)):
+            if not order:
+                order.extend(rng.sample(texts, len(texts)))
+            batch.append(order.pop())
+        return batch
+
+    return sample

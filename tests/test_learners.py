@@ -1,0 +1,84 @@
+"""Behaviour of the baselines on the tiny model."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from c2w.evaluation.scoring import score_probes
+from c2w.learners import BASELINES, LearnerConfig, make_learner
+from c2w.streams.records import Observation
+
+FACT = Observation("f1", 0, "Mira Talvik was born in the harbour town of Oskeln.")
+PROMPT, ANSWER = "Mira Talvik was born in the harbour town of", "Oskeln"
+
+
+def recall(learner):
+    s = score_probes(learner.model, learner.tokenizer, learner.contextualize([PROMPT]), [ANSWER])[0]
+    return s.correct, s.logprob
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full-ft", 3e-3)])
+def test_a_write_raises_recall_of_the_written_fact(tiny, method, lr):
+    learner = make_learner(method, tiny, LearnerConfig(lr=lr, token_budget=40 * 14, batch_size=1, seed=0))
+    ok0, lp0 = recall(learner)
+    learner.observe(0, [FACT])
+    ok1, lp1 = recall(learner)
+    assert not ok0 and ok1
+    assert lp1 > lp0 + 1.0
+    assert learner.cost.trained_tokens >= 40 * 14 and learner.written_ids == {"f1"}
+
+
+def test_writes_leave_the_shared_backbone_frozen_and_unchanged(tiny):
+    before = [p.clone() for p in tiny.model.parameters()]
+    for m in ("lora", "full-ft", "lora-replay"):
+        make_learner(m, tiny, LearnerConfig(lr=1e-2, token_budget=50, seed=0)).observe(0, [FACT])
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters()))
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_none_never_changes(tiny):
+    learner = make_learner("none", tiny, LearnerConfig())
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    for ep in range(3):
+        learner.observe(ep, [Observation(f"x{ep}", ep, "Some new fact about Oskeln.")])
+        learner.end_episode(ep)
+    after = learner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert learner.cost.trained_tokens == 0 and learner.contextualize(["p"]) == ["p"]
+
+
+def test_rag_retrieves_the_observed_text(tiny):
+    learner = make_learner("rag", tiny, LearnerConfig(rag_k=1))
+    learner.observe(0, [FACT, Observation("f2", 0, "The river Quell flows through Dastmoor.")])
+    (p,) = learner.contextualize(["Question: Where was Mira Talvik born?\nAnswer:"])
+    assert p.startswith(FACT.text) and p.endswith("Answer:")
+    assert learner.cost.trained_tokens == 0
+
+
+def test_replay_buffer_is_bounded_and_budget_counts_replay(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=60, buffer_size=3, batch_size=4, replay_fraction=0.5, seed=0)
+    learner = make_learner("lora-replay", tiny, cfg)
+    for ep in range(3):
+        learner.observe(ep, [Observation(f"r{ep}{k}", ep, f"Fact {ep} number {k} about Oskeln.") for k in range(4)])
+    assert len(learner.buffer) == 3
+    # every episode spends at least its budget and not much more (one batch of overshoot at most)
+    assert 3 * 60 <= learner.cost.trained_tokens <= 3 * (60 + 4 * 12)
+
+
+def test_unknown_method_is_rejected(tiny):
+    with pytest.raises(ValueError, match="unknown method 'lora2'"):
+        make_learner("lora2", tiny, LearnerConfig())
+
+
+def test_observation_exposes_only_id_episode_text():
+    assert [f.name for f in dataclasses.fields(Observation)] == ["id", "episode", "text"]
+    assert not hasattr(FACT, "__dict__")  # slots: nothing can be attached to it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FACT.text = "x"
+
+
+def test_every_baseline_is_registered():
+    from c2w.learners import METHODS
+
+    assert set(BASELINES) <= set(METHODS)

@@ -1,0 +1,45 @@
+"""The scorer on real SmolLM2-135M-Instruct continuations (copied from its greedy outputs)."""
+
+import pytest
+
+from c2w.evaluation.scoring import first_line, format_prompts, is_correct, is_strict, normalise
+
+# (continuation, answer, first-line correct, strict prefix)
+REAL = [
+    (" Paris.\n\nThe answer is: 2", "Paris", True, True),
+    (" yen, which is the official currency of Japan", "yen", True, True),
+    (" Oskeln.\n\nThe most recent", "Oskeln", True, True),
+    ("\nThe answer is: Paris", "Paris", True, False),  # starts with a blank line
+    (" The answer is: Oskeln.", "Oskeln", True, False),  # preamble
+    ("<|im_end|>", "Tokyo", False, False),
+    (" Parisian cafes are", "Paris", False, False),  # not a whole word
+    (" located in France.\nParis", "Paris", False, False),  # only on the second line
+    (" 1887, in the town", "1887", True, True),
+    (" NEW  York!", "new york", True, True),
+]
+
+
+@pytest.mark.parametrize("cont,answer,correct,strict", REAL)
+def test_rules_on_real_outputs(cont, answer, correct, strict):
+    assert is_correct(cont, answer) is correct
+    assert is_strict(cont, answer) is strict
+
+
+def test_normalise_and_first_line():
+    assert normalise("  Hello,\tWorld!! ") == "hello world"
+    assert first_line("\n\n  \nsecond line\nthird") == "second line"
+    assert first_line("") == ""
+
+
+def test_empty_answer_is_never_correct():
+    assert not is_correct("anything", "")
+    assert not is_strict("anything", "...")
+
+
+def test_format_prompts(tiny):
+    tok = tiny.tokenizer
+    assert format_prompts(tok, ["a"], "raw") == ["a"]
+    chat = format_prompts(tok, ["The capital of France is"], "chat")[0]
+    assert "The capital of France is" in chat and chat != "The capital of France is"
+    with pytest.raises(ValueError, match="raw' or 'chat"):
+        format_prompts(tok, ["a"], "xml")
