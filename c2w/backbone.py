@@ -6,8 +6,11 @@ Nothing here downloads from a model hub unless the user names a hub model explic
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +60,39 @@ def smollm2_dir() -> Path:
     return d
 
 
+def cache_dir() -> Path:
+    """Where the de-quantized default backbone is kept after its first load ($C2W_CACHE to move it)."""
+    return Path(os.environ.get("C2W_CACHE", Path.home() / ".cache" / "c2w"))
+
+
+def _smollm2_cache() -> Path:
+    """A cache folder keyed by the GGUF file's size and mtime, so a reinstall invalidates it."""
+    st = (smollm2_dir() / SMOLLM2_GGUF).stat()
+    return cache_dir() / f"smollm2-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _save_atomically(obj, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    try:
+        obj.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except OSError:  # read-only home, a racing process: the cache is an optimisation only
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Parsing the GGUF vocabulary takes ~7 s; the converted tokenizer is cached on disk."""
     from transformers import AutoTokenizer
 
     if name in (DEFAULT_MODEL, "tiny"):
-        tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+        cached = _smollm2_cache() / "tokenizer"
+        if cached.is_dir():
+            tok = AutoTokenizer.from_pretrained(cached)
+        else:
+            tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomically(tok, cached)
     else:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=_local_only(name))
     if tok.pad_token is None:
@@ -87,13 +118,19 @@ def load_backbone(name: str = DEFAULT_MODEL, device: str | None = None, dtype: t
 
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
-    tok = load_tokenizer(name)
+    tok = copy.deepcopy(load_tokenizer(name))  # callers set padding_side; keep the cached one clean
     if name == "tiny":
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(len(tok)))
     elif name == DEFAULT_MODEL:
-        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
-        _drop_gguf_quantizer(model)
+        # De-quantizing the GGUF takes ~20 s on 2 cores; the fp32 safetensors copy loads in ~1 s.
+        cached = _smollm2_cache() / "model"
+        if cached.is_dir():
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            _drop_gguf_quantizer(model)
+            _save_atomically(model, cached)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=_local_only(name))

@@ -170,7 +170,7 @@ def bench(cfg: BenchConfig) -> dict:
             for m, r in run_seed(bb, cfg, streams[s], controls, passages, base_lp, cfg.methods, lrs, s, bar).items():
                 runs[m].append(r)
     results = {
-        "config": {**dataclasses.asdict(cfg), "n_controls": len(controls),
+        "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR.get(m) for m in cfg.methods if m in DEFAULT_LR},
                    "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[0].meta},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},

@@ -84,12 +84,9 @@ def _run(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) 
         prev = snaps[-1] if snaps else base
         curve = [float(prev.correct[cur].mean()) if cur else np.nan]
 
-        def on_progress(step: int, tokens: int, cur=cur, curve=curve) -> None:
-            if cur:
-                with torch.no_grad():
-                    curve.append(float(evaluate(learner.model, tok, ctx, learner, cur, with_logprob=False).correct.mean()))
-
-        learner.observe(i, ctx.stream.observations(i), on_progress if cur else None)
+        for _step, _tokens in learner.observe_steps(i, ctx.stream.observations(i)):
+            if cur:  # the write is paused here; measure the current episode, then resume it
+                curve.append(float(evaluate(learner.model, tok, ctx, learner, cur, with_logprob=False).correct.mean()))
         learner.end_episode(i)
         snaps.append(base if not learner.writes_weights and learner.name == "none" else
                      evaluate(learner.model, tok, ctx, learner))

@@ -6,18 +6,18 @@ The runner gives a learner only `Observation`s (id, episode, text). It never see
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 
 from c2w.backbone import Backbone
 from c2w.streams.records import Observation
 
-# progress(step, trained_tokens): called by a learner during writes so the runner can measure
-# learning speed. It returns nothing and carries nothing back into the learner.
-Progress = Callable[[int, int], None]
+# Writes are generators that yield (write steps, trained tokens) at a few points of the budget.
+# The runner measures learning speed there and resumes the write: the learner is handed nothing
+# but Observations, not even a callback that could lead back to the evaluator's data.
+Progress = Iterator[tuple[int, int]]
 
 
 @dataclass
@@ -59,8 +59,13 @@ class Learner:
         self.written_ids: set[str] = set()
 
     # --- the interface -------------------------------------------------------------------------
-    def observe(self, episode: int, observations: list[Observation], progress: Progress | None = None) -> None:
+    def observe_steps(self, episode: int, observations: list[Observation]) -> Progress:
+        """Write what is worth writing from one episode; yield (steps, tokens) at progress points."""
         raise NotImplementedError
+
+    def observe(self, episode: int, observations: list[Observation]) -> None:
+        for _ in self.observe_steps(episode, observations):
+            pass
 
     def end_episode(self, episode: int) -> None:
         pass
@@ -76,15 +81,3 @@ class Learner:
     def state_bytes(self) -> int:
         """Bytes of state this method stores beyond the frozen backbone."""
         return 0
-
-
-class Timer:
-    def __init__(self, cost: Cost):
-        self.cost = cost
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.cost.train_s += time.perf_counter() - self.t0

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from c2w.learners.base import Learner, Timer
+from c2w.learners.base import Learner
 from c2w.learners.train import epoch_sampler, write_texts
 
 
@@ -24,14 +24,13 @@ class FullFTLearner(Learner):
         self.cost.trainable_params = sum(p.numel() for p in self.params)
         self.flops_per_token = 6 * backbone.n_params
 
-    def observe(self, episode, observations, progress=None) -> None:
+    def observe_steps(self, episode, observations):
         texts = [o.text for o in observations if o.text.strip()]
         if not texts:
             return
-        with Timer(self.cost):
-            write_texts(self.net, self.tokenizer, self.opt, self.params, epoch_sampler(texts, self.cfg.batch_size, self.rng),
-                        self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token, progress,
-                        self.cfg.progress_points)
+        yield from write_texts(self.net, self.tokenizer, self.opt, self.params, epoch_sampler(texts, self.cfg.batch_size, self.rng),
+                    self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token,
+                    self.cfg.progress_points)
         self.written_ids.update(o.id for o in observations if o.text.strip())
 
     @property

@@ -8,7 +8,7 @@ import random
 import torch
 from peft import LoraConfig, get_peft_model
 
-from c2w.learners.base import Learner, Timer
+from c2w.learners.base import Learner
 from c2w.learners.train import epoch_sampler, write_texts
 
 
@@ -35,13 +35,13 @@ class LoraLearner(Learner):
     def batches(self, texts: list[str]):
         return epoch_sampler(texts, self.cfg.batch_size, self.rng)
 
-    def observe(self, episode, observations, progress=None) -> None:
+    def observe_steps(self, episode, observations):
         texts = [o.text for o in observations if o.text.strip()]
         if not texts:
             return
-        with Timer(self.cost):
-            write_texts(self.peft, self.tokenizer, self.opt, self.params, self.batches(texts), self.cfg.token_budget,
-                        self.cfg.max_len, self.cost, self.flops_per_token, progress, self.cfg.progress_points)
+        yield from write_texts(self.peft, self.tokenizer, self.opt, self.params, self.batches(texts),
+                               self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token,
+                               self.cfg.progress_points)
         self.written_ids.update(o.id for o in observations if o.text.strip())
 
     @property

@@ -25,8 +25,8 @@ class LoraReplayLearner(LoraLearner):
 
         return sample
 
-    def observe(self, episode, observations, progress=None) -> None:
-        super().observe(episode, observations, progress)
+    def observe_steps(self, episode, observations):
+        yield from super().observe_steps(episode, observations)
         for o in observations:  # reservoir sampling keeps a uniform sample of everything seen
             if not o.text.strip():
                 continue

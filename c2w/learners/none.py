@@ -9,8 +9,8 @@ class NoneLearner(Learner):
     name = "none"
     writes_weights = False
 
-    def observe(self, episode, observations, progress=None) -> None:
-        pass
+    def observe_steps(self, episode, observations):
+        return iter(())
 
     @property
     def model(self):

@@ -19,12 +19,13 @@ class RagLearner(Learner):
         self.docs: list[str] = []
         self.index: BM25Plus | None = None
 
-    def observe(self, episode, observations, progress=None) -> None:
+    def observe_steps(self, episode, observations):
         new = [o for o in observations if o.text.strip()]
         self.docs.extend(o.text for o in new)
         self.written_ids.update(o.id for o in new)
         if self.docs:
             self.index = BM25Plus([normalise(d).split() for d in self.docs])
+        return iter(())
 
     @property
     def model(self):

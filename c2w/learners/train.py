@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -21,15 +22,16 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
 
 def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
-                flops_per_token: float, progress: Progress | None = None, progress_points: int = 0) -> None:
+                flops_per_token: float, progress_points: int = 0) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
-    Every batch's real (non-pad) tokens count, replayed ones included. `progress` fires when the
-    spent budget crosses k/(progress_points+1), k = 1..progress_points.
+    Every batch's real (non-pad) tokens count, replayed ones included. Yields (steps, tokens) when
+    the spent budget crosses k/(progress_points+1), k = 1..progress_points.
     """
     dev = next(model.parameters()).device
     used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
     while used < token_budget:
+        t0 = time.perf_counter()
         ids, att = collate(tokenizer, sample_batch(), max_len, dev)
         loss = lm_loss(model, ids, att, att.bool())
         loss.backward()
@@ -41,10 +43,10 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
         cost.trained_tokens += n
         cost.train_steps += 1
         cost.flops += flops_per_token * n
+        cost.train_s += time.perf_counter() - t0  # excludes the runner's work while we are paused
         while marks and used >= marks[0]:
             marks.pop(0)
-            if progress:
-                progress(cost.train_steps, cost.trained_tokens)
+            yield cost.train_steps, cost.trained_tokens
 
 
 def epoch_sampler(texts: list[str], batch_size: int, rng: random.Random) -> Callable[[], list[str]]:

@@ -1,0 +1,65 @@
+"""`c2w bench` end to end on the tiny model: the results.json contract, the report, determinism."""
+
+import json
+
+import pytest
+
+from c2w.bench import BenchConfig, bench
+from c2w.learners import BASELINES
+
+TIMING = {"wall_s", "train_s", "peak_mem_mb", "probe_latency_ratio"}
+
+
+def tiny_cfg(out, **kw) -> BenchConfig:
+    base = dict(model="tiny", device="cpu", seeds=2, episodes=2, facts_per_episode=3, controls=2, general_texts=2,
+                token_budget=60, progress_points=1, out=str(out), stress=1)
+    return BenchConfig(**{**base, **kw})
+
+
+def strip_timing(x):
+    if isinstance(x, dict):
+        return {k: strip_timing(v) for k, v in x.items() if k not in TIMING}
+    return x
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench(tiny_cfg(out))
+    return out
+
+
+def test_results_json_has_the_documented_shape(first_run):
+    res = json.loads((first_run / "results.json").read_text())
+    assert set(res) == {"config", "provenance", "methods"}
+    assert set(res["methods"]) == set(BASELINES)
+    for name, m in res["methods"].items():
+        for key in ("accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "learning_accuracy"):
+            assert set(m[key]) == {"mean", "std", "per_seed"}, (name, key)
+            assert len(m[key]["per_seed"]) == 2
+        assert len(m["accuracy_matrix"]["mean"]) == 2
+        assert {"trained_tokens", "flops", "wall_s", "peak_mem_mb", "trainable_params", "state_bytes_per_record",
+                "probe_latency_ratio"} <= set(m["cost"])
+    assert res["methods"]["none"]["cost"]["trained_tokens"]["mean"] == 0
+    assert res["methods"]["lora"]["cost"]["trained_tokens"]["mean"] >= 2 * 60
+    assert res["methods"]["rag"]["group"] == "reference"
+    prov = res["provenance"]
+    assert prov["versions"]["torch"] and "hardware" in prov and prov["model"] == "tiny"
+    assert res["config"]["seeds_reported"] == [0, 1] and res["config"]["validation_seed"] not in (0, 1)
+
+
+def test_report_and_plots_are_written(first_run):
+    md = (first_run / "report.md").read_text()
+    for name in BASELINES:
+        assert name in md
+    pngs = list(first_run.glob("*.png"))
+    assert any("accuracy_matrix" in p.name for p in pngs)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_same_seed_gives_the_same_results(first_run, tmp_path):
+    again = tmp_path / "again"
+    bench(tiny_cfg(again))
+    a = json.loads((first_run / "results.json").read_text())["methods"]
+    b = json.loads((again / "results.json").read_text())["methods"]
+    assert strip_timing(a) == strip_timing(b)

@@ -1,0 +1,67 @@
+"""The command line: clear errors, nothing loaded before the input is known to be good."""
+
+import json
+
+import pytest
+
+from c2w import cli
+
+GOOD = {"id": "f1", "episode": 0, "text": "Mira Talvik was born in Oskeln.",
+        "probes": [{"prompt": "Mira Talvik was born in", "answer": "Oskeln"}]}
+
+
+def write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_validate_ok(tmp_path, capsys):
+    p = write(tmp_path / "s.jsonl", [GOOD])
+    assert cli.main(["stream", "validate", str(p)]) == 0
+    assert "ok (1 records, 1 episodes)" in capsys.readouterr().out
+
+
+def test_validate_reports_every_error_with_line_and_field(tmp_path, capsys):
+    p = write(tmp_path / "s.jsonl", [GOOD, "{not json", {**GOOD, "id": "f1"}, {**GOOD, "id": "f3", "episode": -1}])
+    assert cli.main(["stream", "validate", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert "line 2" in err and "line 3" in err and "'id'" in err and "line 4" in err and "'episode'" in err
+    assert "3 problem(s)" in err
+
+
+def test_validate_missing_file(tmp_path, capsys):
+    assert cli.main(["stream", "validate", str(tmp_path / "nope.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_bench_on_an_invalid_stream_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import c2w.bench
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded for an invalid stream")
+
+    monkeypatch.setattr(c2w.bench, "load_backbone", boom)
+    p = write(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "id": "f2", "episode": 2}])
+    assert cli.main(["bench", "--stream", str(p), "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "missing 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_rejects_unknown_methods(capsys):
+    assert cli.main(["bench", "--methods", "lora", "sgd-magic", "--model", "tiny"]) == 2
+    assert "sgd-magic" in capsys.readouterr().err
+
+
+def test_generate_then_validate(tmp_path, capsys):
+    p = tmp_path / "f.jsonl"
+    assert cli.main(["stream", "generate", str(p), "--episodes", "3", "--facts-per-episode", "4", "--seed", "5"]) == 0
+    assert cli.main(["stream", "validate", str(p)]) == 0
+    assert "3 episodes" in capsys.readouterr().out
+
+
+def test_help_lists_every_bench_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--stream", "--methods", "--preset", "--seeds", "--model", "--device", "--out", "--probe-format"):
+        assert flag in out

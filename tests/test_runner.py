@@ -1,0 +1,101 @@
+"""The evaluator's contract with learners, on the tiny model."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from c2w.evaluation.probeset import build_probeset
+from c2w.evaluation.runner import EvalContext, evaluate, run_learner
+from c2w.learners import LearnerConfig
+from c2w.learners.lora import LoraLearner
+from c2w.streams.fictional import FictionalConfig, generate_fictional
+from c2w.streams.records import Observation, Probe, Record, Stream
+
+
+class SpyLearner(LoraLearner):
+    """A LoRA learner that keeps everything it is handed."""
+
+    name = "spy"
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        self.received: list = []
+
+    def observe_steps(self, episode, observations):
+        self.received.append((episode, list(observations)))
+        yield from super().observe_steps(episode, observations)
+
+    def end_episode(self, episode):
+        self.received.append(("end", episode))
+
+
+def stream_with_every_role() -> Stream:
+    s = generate_fictional(FictionalConfig(episodes=2, facts_per_episode=3, update_fraction=0.5, noise_per_episode=1,
+                                           duplicates_per_episode=1, known_per_episode=1, seed=0))
+    ctrl = Record("c0001", 0, "", (Probe("The capital of France is", "Paris"),), role="control")
+    return Stream(s.records + [ctrl], "t")
+
+
+def test_learners_cannot_reach_roles_probes_or_replaces(tiny):
+    stream = stream_with_every_role()
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    learner = SpyLearner(tiny, LearnerConfig(token_budget=40, progress_points=2))
+    run_learner(learner, ctx, evaluate(tiny.model, tiny.tokenizer, ctx))
+    observed = [o for ep, obs in learner.received if ep != "end" for o in obs]
+    # only Observations, only observed roles, nothing but id/episode/text
+    assert all(type(o) is Observation for o in observed)
+    assert {o.id for o in observed} == {r.id for r in stream.records if r.role != "control"}
+    # and nothing of the evaluator's is reachable from the learner's own state
+    for obj in reachable(learner):
+        assert not isinstance(obj, (Record, Probe, Stream, EvalContext)), f"learner reaches {type(obj).__name__}"
+
+
+def reachable(root):
+    """Objects reachable from root through attributes, containers and closures (not module globals)."""
+    seen, todo = set(), [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type(None), torch.Tensor, type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        yield obj
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif isinstance(obj, types.FunctionType):
+            todo.extend(c.cell_contents for c in obj.__closure__ or ())
+        elif isinstance(obj, types.MethodType):
+            todo.append(obj.__self__)
+        else:
+            todo.extend(getattr(obj, "__dict__", {}).values())
+            todo.extend(getattr(obj, s) for s in getattr(type(obj), "__slots__", ()) if hasattr(obj, s))
+
+
+def test_run_produces_every_metric_group(tiny):
+    stream = stream_with_every_role()
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    res = run_learner(LoraLearner(tiny, LearnerConfig(token_budget=60, progress_points=2)), ctx,
+                      evaluate(tiny.model, tiny.tokenizer, ctx))
+    R = np.array(res["accuracy_matrix"])
+    assert R.shape == (2, 2) and ((0 <= R) & (R <= 1)).all()
+    for key in ("acc", "bwt", "fwt", "forgetting", "learning_accuracy", "retention", "strict", "logprob", "flips",
+                "updates", "locality", "learning_speed", "gate", "cost"):
+        assert key in res
+    assert res["updates"]["n"] >= 1
+    assert res["gate"]["written_noise"] == 1.0 and res["gate"]["written_learn"] == 1.0  # baselines write all
+    assert len(res["learning_speed"]["acc"]) == 4  # start, 2 inside the write, end
+    assert res["cost"]["trained_tokens"] >= 2 * 60 and res["cost"]["trainable_params"] > 0
+
+
+def test_probeset_scores_replaced_facts_apart():
+    stream = stream_with_every_role()
+    ps = build_probeset(stream)
+    replaced = {r.replaces for r in stream.records if r.replaces}
+    assert replaced and all(it.kind == "stale" for it in ps.items if it.record_id in replaced)
+    assert {it.record_id for it in ps.items if it.kind == "control"} == {"c0001"}
+    roles = {r.id: r.role for r in stream.records}
+    assert all(roles[it.record_id] == "learn" for it in ps.items if it.kind == "matrix")
