@@ -22,23 +22,32 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
 
 def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
-                flops_per_token: float, progress_points: int = 0) -> Progress:
+                flops_per_token: float, progress_points: int = 0,
+                extra_loss: Callable[[], tuple[torch.Tensor, int]] | None = None) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
     Every batch's real (non-pad) tokens count, replayed ones included. Yields (steps, tokens) when
-    the spent budget crosses k/(progress_points+1), k = 1..progress_points.
+    the spent budget crosses k/(progress_points+1), k = 1..progress_points. `extra_loss()` adds a
+    term to every step (a penalty, or a rehearsal loss) with the tokens it trained on (0 for a penalty).
     """
     dev = next(model.parameters()).device
     used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
     while used < token_budget:
         t0 = time.perf_counter()
-        ids, att = collate(tokenizer, sample_batch(), max_len, dev)
-        loss = lm_loss(model, ids, att, att.bool())
+        batch = sample_batch()
+        loss, n = torch.zeros((), device=dev), 0
+        if batch:
+            ids, att = collate(tokenizer, batch, max_len, dev)
+            loss, n = lm_loss(model, ids, att, att.bool()), int(att.sum())
+        if extra_loss is not None:
+            extra, n_extra = extra_loss()
+            loss, n = loss + extra, n + n_extra
+        if n == 0:  # nothing to train on: stop rather than spin
+            return
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        n = int(att.sum())
         used += n
         cost.trained_tokens += n
         cost.train_steps += 1

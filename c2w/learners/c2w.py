@@ -1,0 +1,179 @@
+"""`c2w`: gated writes into a fast adapter, sleep that replays, rehearses and consolidates into
+slow memory, with an orthogonality constraint against interference. Each part can be switched off
+(the `c2w-no-*` ablations); every part's compute is paid from the same per-episode token budget.
+
+wake (observe):  gate the episode's texts -> build views of those written -> store them in the
+                 episodic buffer -> train the fast adapter on the views (wake_share of the budget)
+sleep (end):     refresh replay priorities -> train fast on prioritised replay of buffered views
+                 + KL to the base on self-generated rehearsal text (the rest of the budget)
+                 -> merge fast into slow (PEFT `cat`: exact) -> fresh fast adapter
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from c2w.learners.base import Learner, LearnerConfig
+from c2w.learners.lora import lora_config
+from c2w.learners.train import epoch_sampler, write_texts
+from c2w.memory.bank import FAST, AdapterBank
+from c2w.memory.buffer import EpisodicBuffer, Entry
+from c2w.memory.gate import GateConfig, score_texts, text_signals
+from c2w.memory.rehearsal import rehearsal_loss, sample_rehearsal, teacher_logprobs
+from c2w.memory.views import build_views, paraphrases
+
+
+@dataclass
+class C2WConfig:
+    gate: bool = field(default=True, metadata={"help": "gate what is written (off: write everything)"})
+    recombination: bool = field(default=True, metadata={"help": "train on views (keyed, QA, grounded paraphrase), not only the raw text"})
+    paraphrase: bool = field(default=True, metadata={"help": "add the model's own grounded paraphrase to the views"})
+    sleep: bool = field(default=True, metadata={"help": "sleep at episode end: replay, rehearsal, consolidation"})
+    replay: bool = field(default=True, metadata={"help": "replay buffered views during sleep"})
+    prioritised: bool = field(default=True, metadata={"help": "replay proportional to current NLL (off: uniform)"})
+    rehearsal: bool = field(default=True, metadata={"help": "distil the base's own samples back during sleep (KL)"})
+    orthogonal: float = field(default=0.1, metadata={"help": "weight of the |A_slow A_fast^T|^2 penalty (0 = off)"})
+    wake_share: float = field(default=0.5, metadata={"help": "share of the episode budget for online writes; the rest is sleep"})
+    rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of the rehearsal KL"})
+    rehearsal_batch: int = field(default=2, metadata={"help": "rehearsal sequences per sleep step"})
+    n_rehearsal: int = field(default=16, metadata={"help": "rehearsal sequences sampled from the base at start"})
+    buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
+    max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
+
+
+# The ablations: each drops one part, at the same budget.
+ABLATIONS = {
+    "c2w": {},
+    "c2w-no-gate": {"gate": False},
+    "c2w-no-sleep": {"sleep": False},
+    "c2w-no-recombination": {"recombination": False},
+    "c2w-no-rehearsal": {"rehearsal": False},
+    "c2w-no-replay": {"replay": False},
+    "c2w-no-orthogonal": {"orthogonal": 0.0},
+}
+
+
+class C2WLearner(Learner):
+    name = "c2w"
+    group = "c2w"
+    c2w_overrides: dict = {}
+
+    def __init__(self, backbone, cfg: LearnerConfig, c2w: C2WConfig | None = None, gate: GateConfig | None = None):
+        super().__init__(backbone, cfg)
+        self.c2w = c2w or dataclasses.replace(C2WConfig(), **self.c2w_overrides)
+        self.gate_cfg = gate or GateConfig()
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.bank = AdapterBank(backbone.model, lora_config(cfg), self.c2w.max_slow_rank)
+        self.buffer = EpisodicBuffer(self.c2w.buffer_capacity)
+        self.gate_log: list[dict] = []
+        self.sleeps = 0
+        self._new_optimizer()
+        n = backbone.n_params
+        self.flops_fwd = 2 * n  # per token, forward only (gate signals, generation, priorities)
+        self.flops_per_token = 4 * n + 6 * self.bank.n_trainable()
+        self.cost.trainable_params = self.bank.n_trainable()
+        self.rehearsal = None
+        if self.c2w.sleep and self.c2w.rehearsal:
+            with self.bank.model.disable_adapter():
+                seqs = sample_rehearsal(self.bank.model, self.tokenizer, self.c2w.n_rehearsal, seed=cfg.seed)
+                self.rehearsal = (seqs, teacher_logprobs(self.bank.model, seqs))
+            self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + teacher pass
+
+    def _new_optimizer(self) -> None:
+        self.params = self.bank.fast_params()
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
+
+    # --- wake -----------------------------------------------------------------------------------
+    def observe_steps(self, episode, observations):
+        obs = [o for o in observations if o.text.strip()]
+        if not obs:
+            return
+        texts = [o.text for o in obs]
+        if self.c2w.gate:
+            scores = score_texts(self.bank.model, self.tokenizer, self.params, texts, self.buffer.texts(), self.gate_cfg)
+            n_tok = sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+            self.cost.flops += self.flops_fwd * n_tok * 4  # signals + trial step (fwd, bwd, fwd)
+            self.gate_log += [{"id": o.id, "episode": episode, **dataclasses.asdict(s)} for o, s in zip(obs, scores)]
+            obs = [o for o, s in zip(obs, scores) if s.write]
+        if not obs:
+            return
+        para = [None] * len(obs)
+        if self.c2w.recombination and self.c2w.paraphrase:
+            with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
+                para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
+            self.cost.flops += self.flops_fwd * 80 * len(obs)
+        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination)) for o, p in zip(obs, para)]
+        for e in entries:
+            self.buffer.add(e)
+        self.written_ids.update(o.id for o in obs)
+        views = [v for e in entries for v in e.views]
+        budget = int(self.cfg.token_budget * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
+                               epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
+                               self.cost, self.flops_per_token, self.cfg.progress_points, self._penalty)
+
+    def _penalty(self) -> tuple[torch.Tensor, int]:
+        """Orthogonality of the fast update to the slow subspace (O-LoRA): sum_l |A_slow A_fast^T|^2."""
+        if not self.c2w.orthogonal or self.bank.slow is None:
+            return torch.zeros(()), 0
+        slow = self.bank.lora_pairs(self.bank.slow)
+        fast = self.bank.lora_pairs(FAST)
+        pen = sum(((a_s.detach() @ a_f.T) ** 2).sum() for (a_s, _), (a_f, _) in zip(slow, fast))
+        return self.c2w.orthogonal * pen, 0
+
+    # --- sleep ----------------------------------------------------------------------------------
+    def end_episode(self, episode: int) -> None:
+        if self.c2w.sleep and self.buffer.entries:
+            self.sleep()
+
+    def sleep(self) -> None:
+        """Replay + rehearsal on the rest of the episode's budget, then consolidate fast -> slow."""
+        entries = self.buffer.entries
+        sig = text_signals(self.bank.model, self.tokenizer, [e.text for e in entries])
+        for e, (nll, _, _) in zip(entries, sig):
+            e.priority = nll
+        self.cost.flops += self.flops_fwd * sum(len(self.tokenizer(e.text).input_ids) for e in entries)
+        budget = int(self.cfg.token_budget * (1 - self.c2w.wake_share))
+
+        def replay_batch() -> list[str]:
+            if not self.c2w.replay:  # without replay, sleep only rehearses (and consolidates)
+                return []
+            picked = self.buffer.sample(self.cfg.batch_size, self.rng, self.c2w.prioritised)
+            return [self.rng.choice(e.views) for e in picked]
+
+        def extra() -> tuple[torch.Tensor, int]:
+            pen, _ = self._penalty()
+            if self.rehearsal is None:
+                return pen, 0
+            seqs, teach = self.rehearsal
+            k = self.rng.sample(range(len(seqs)), self.c2w.rehearsal_batch)
+            kl = rehearsal_loss(self.bank.model, [seqs[i] for i in k], [teach[i] for i in k])
+            return pen + self.c2w.rehearsal_weight * kl, sum(len(seqs[i]) for i in k)
+
+        if budget > 0 and (self.c2w.replay or self.rehearsal is not None):
+            for _ in write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
+                                 self.cfg.max_len, self.cost, self.flops_per_token, 0, extra):
+                pass
+        self.bank.consolidate()
+        self._new_optimizer()
+        self.sleeps += 1
+
+    # --- evaluation and state -------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.bank.model
+
+    def state_bytes(self) -> int:
+        return self.bank.state_bytes() + self.buffer.nbytes()
+
+
+def _ablation(name: str, overrides: dict) -> type[C2WLearner]:
+    return type(name.replace("-", "_"), (C2WLearner,), {"name": name, "c2w_overrides": overrides})
+
+
+C2W_METHODS: dict[str, type[C2WLearner]] = {n: (C2WLearner if n == "c2w" else _ablation(n, o)) for n, o in ABLATIONS.items()}

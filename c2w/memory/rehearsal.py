@@ -1,0 +1,67 @@
+"""Generative rehearsal of base knowledge: text the frozen base writes itself, distilled back.
+
+No old data is kept: at start the base samples continuations of neutral openers; during sleep the
+current model is pulled towards the base's next-token distribution on those samples (KL), which
+protects general ability and facts the base knew without knowing which they are. The openers are
+generic and share nothing with the evaluation's control probes or held-out text.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+OPENERS = [
+    "Once upon a time", "The history of", "In the morning, I", "Scientists have found that", "A good recipe for",
+    "The main reason why", "Here is a short story:", "My favourite book is", "The weather today", "In mathematics,",
+    "When you travel to", "The most important thing about", "Question: What is", "Write a poem about", "Many people believe",
+    "The city was", "Music is", "To learn a new language,", "The teacher said", "In the year",
+]
+
+
+@torch.no_grad()
+def sample_rehearsal(model, tokenizer, n: int, max_new_tokens: int = 40, seed: int = 0) -> list[torch.Tensor]:
+    """n token sequences sampled from the base (temperature 1, top-p 0.95), seeded."""
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        ids = tokenizer(OPENERS[k % len(OPENERS)], return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, temperature=1.0,
+                             pad_token_id=tokenizer.pad_token_id)
+        out.append(seq[0].cpu())
+    return out
+
+
+@torch.no_grad()
+def teacher_logprobs(model, seqs: list[torch.Tensor], top_k: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The base's top-k next-token log-probs per position ([L, k] values and indices): a 49k-vocab
+    distribution is ~750x larger, and the top 64 carry almost all of the mass for a 135M model."""
+    dev = next(model.parameters()).device
+    out = []
+    for s in seqs:
+        lp = torch.log_softmax(model(input_ids=s[None].to(dev)).logits[0].float(), -1)
+        v, i = lp.topk(top_k, -1)
+        out.append((v.cpu(), i.cpu()))
+    return out
+
+
+def rehearsal_loss(model, seqs: list[torch.Tensor], teacher: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over positions of KL(base_topk || current) restricted to the base's top-k tokens
+    (renormalised): the current model must keep putting the base's mass where the base did."""
+    dev = next(model.parameters()).device
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    att = torch.zeros(len(seqs), L, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], att[r, : len(s)] = s, 1
+    logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1)
+    total, n = 0.0, 0
+    for r, (v, i) in enumerate(teacher):
+        ln = len(seqs[r])
+        tv = torch.log_softmax(v.to(dev), -1)  # renormalised teacher over its top-k
+        cur = torch.log_softmax(logp[r, :ln].gather(-1, i.to(dev)), -1)
+        total = total + F.kl_div(cur, tv, log_target=True, reduction="sum")
+        n += ln
+    return total / max(n, 1)
