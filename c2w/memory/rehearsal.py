@@ -23,14 +23,21 @@ OPENERS = [
 def sample_rehearsal(model, tokenizer, n: int, max_new_tokens: int = 40, seed: int = 0) -> list[torch.Tensor]:
     """n token sequences sampled from the base (temperature 1, top-p 0.95), seeded."""
     dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
+    tokenizer.padding_side = "left"  # one batched generate: every row ends its prompt at the same column
+    enc = tokenizer([OPENERS[k % len(OPENERS)] for k in range(n)], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(dev)
+    tokenizer.padding_side = "right"
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    seqs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, temperature=1.0,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.random.set_rng_state(state)
     out = []
-    for k in range(n):
-        ids = tokenizer(OPENERS[k % len(OPENERS)], return_tensors="pt", add_special_tokens=False).input_ids.to(dev)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        seq = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_p=0.95, temperature=1.0,
-                             pad_token_id=tokenizer.pad_token_id)
-        out.append(seq[0].cpu())
+    for row, att in zip(seqs.cpu(), enc.attention_mask.cpu()):
+        row = row[int((att == 0).sum()):]  # drop left padding
+        if tokenizer.eos_token_id in row[1:].tolist():  # cut at the first end of text after the opener
+            row = row[: 1 + row[1:].tolist().index(tokenizer.eos_token_id)]
+        out.append(row)
     return out
 
 

@@ -1,0 +1,89 @@
+"""The c2w learner on the tiny model: gate ranking, sleep keeps buffered facts, ablations run."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from c2w.backbone import Backbone
+from c2w.evaluation.scoring import score_probes
+from c2w.learners import C2W_ABLATIONS, LearnerConfig, make_learner
+from c2w.learners.c2w import ABLATIONS, C2W_METHODS, C2WConfig, C2WLearner
+from c2w.learners.full_ft import FullFTLearner
+from c2w.learners.lora import lora_config
+from c2w.memory.bank import AdapterBank
+from c2w.memory.gate import GateConfig, score_texts
+from c2w.streams.records import Observation
+
+NAMES = ["Arlen", "Bosk", "Corvin", "Dalia", "Eskel", "Fenna", "Gorm", "Hilde", "Ivar", "Jorun", "Kell", "Liss"]
+TOWNS = ["Ardon", "Brisk", "Calder", "Dunmere", "Elst", "Farrow", "Glent", "Harth", "Islow", "Jarrow", "Kestle", "Lorn"]
+KNOWN = "Dalia Moor was born in the town of Dunmere."
+NEW = "Quentor Vilsk was born in the town of Sarnavel."
+NOISE = "xq7 zzpl 0k3v mrr8 qa1 vvd9 ktt2 wq0"
+
+
+@pytest.fixture(scope="module")
+def schooled(tiny):
+    """The tiny model after a little 'pretraining' on templated sentences, KNOWN among them, so
+    that it has a language to be surprised by and a fact it already knows."""
+    rng = random.Random(0)
+    corpus = [f"{n} Moor was born in the town of {t}." for n, t in zip(NAMES, TOWNS)]
+    learner = FullFTLearner(tiny, LearnerConfig(lr=3e-3, token_budget=len(corpus) * 14 * 40, batch_size=6, seed=0))
+    learner.observe(0, [Observation(f"p{k}", 0, s) for k, s in enumerate(rng.sample(corpus, len(corpus)))])
+    model = learner.model.requires_grad_(False).eval()
+    return Backbone(model, tiny.tokenizer, "tiny-schooled", tiny.device)
+
+
+def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    known, new, noise = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [KNOWN, NEW, NOISE], [],
+                                    GateConfig(min_unit_surprise=-1, min_novelty=0, min_learnability=-1))
+    assert new.unit_surprise > known.unit_surprise  # the known fact's units are predictable
+    assert new.learnability > noise.learnability  # noise is surprising but barely learnable
+    dup = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW], [NEW], GateConfig())[0]
+    assert dup.novelty == 0.0 and not dup.write and dup.reason == "duplicate"
+
+
+def test_sleep_does_not_lower_recall_of_buffered_facts(tiny):
+    cfg = LearnerConfig(lr=1e-2, token_budget=1200, batch_size=2, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, recombination=False, n_rehearsal=2))
+    facts = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
+    learner.observe(0, facts)
+    prompts, answers = ["Mira Talvik was born in", "Pell Odrin works for"], ["Oskeln", "Vask"]
+    before = score_probes(learner.model, tiny.tokenizer, prompts, answers)
+    learner.end_episode(0)
+    after = score_probes(learner.model, tiny.tokenizer, prompts, answers)
+    assert learner.bank.slow == "slow1" and learner.sleeps == 1
+    for b, a in zip(before, after):
+        assert a.correct >= b.correct
+        assert a.logprob >= b.logprob - 0.25
+    assert sum(b.correct for b in before) >= 1  # the write itself worked
+
+
+def test_gate_off_writes_everything_and_gate_on_skips_exact_duplicates(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=40, seed=0)
+    obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Mira Talvik was born in Oskeln.")]
+    off = make_learner("c2w-no-gate", tiny, cfg)
+    off.observe(0, obs)
+    assert off.written_ids == {"a", "b"}
+    on = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), GateConfig(min_unit_surprise=-1, min_learnability=-1))
+    on.observe(0, obs)
+    assert on.written_ids == {"a"} and [g["reason"] for g in on.gate_log] == ["write", "duplicate"]
+
+
+@pytest.mark.parametrize("method", ["c2w", *C2W_ABLATIONS])
+def test_every_ablation_runs_within_budget(tiny, method):
+    cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0)
+    # the tiny random model has no language for the SmolLM2-set gate thresholds: gate off here
+    c2w = C2WConfig(**{**ABLATIONS[method], "gate": False, "paraphrase": False, "n_rehearsal": 2})
+    learner = C2W_METHODS[method](tiny, cfg, c2w)
+    assert learner.name == method
+    obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
+    learner.observe(0, obs)
+    learner.end_episode(0)
+    # wake + sleep stay within the episode's budget plus one step of overshoot each
+    rehearsal_step = learner.c2w.rehearsal_batch * max((len(s) for s in learner.rehearsal[0]), default=0) \
+        if learner.rehearsal else 0
+    assert learner.cost.trained_tokens <= 80 + 2 * 2 * 40 + rehearsal_step
+    assert learner.cost.trained_tokens > 0
