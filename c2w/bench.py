@@ -46,7 +46,7 @@ PRESETS = {
 @dataclass
 class BenchConfig:
     stream: str = field(default="fictional", metadata={"help": "'fictional' (built-in generator) or a JSONL stream path"})
-    methods: list[str] = field(default_factory=lambda: list(BASELINES), metadata={"help": "methods to run"})
+    methods: list[str] = field(default_factory=lambda: [*BASELINES, "c2w"], metadata={"help": "methods to run (c2w ablations: c2w-no-gate, c2w-no-sleep, ...)"})
     preset: str = field(default="quick", metadata={"help": "size of the run", "choices": list(PRESETS)})
     seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are 0..N-1)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})

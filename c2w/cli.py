@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("output")
     add_dataclass_args(g, FictionalConfig)
     g.set_defaults(func=cmd_stream_generate)
+    from c2w.cli_learner import add_learner_parsers
+    add_learner_parsers(sub)
     return p
 
 

@@ -32,7 +32,7 @@ def first_run(tmp_path_factory):
 def test_results_json_has_the_documented_shape(first_run):
     res = json.loads((first_run / "results.json").read_text())
     assert set(res) == {"config", "provenance", "methods"}
-    assert set(res["methods"]) == set(BASELINES)
+    assert set(res["methods"]) == {*BASELINES, "c2w"}
     for name, m in res["methods"].items():
         for key in ("accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "learning_accuracy"):
             assert set(m[key]) == {"mean", "std", "per_seed"}, (name, key)
