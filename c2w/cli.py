@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(g, FictionalConfig)
     g.set_defaults(func=cmd_stream_generate)
     from c2w.cli_learner import add_learner_parsers
+    from c2w.perf import add_perf_parser
+
     add_learner_parsers(sub)
+    add_perf_parser(sub)
     return p
 
 

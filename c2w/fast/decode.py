@@ -1,8 +1,23 @@
-"""Greedy decoding and teacher-forced answer log-probabilities for probe scoring."""
+"""Greedy decoding and teacher-forced answer log-probabilities for probe scoring.
+
+On Llama-layout models (plain or PEFT LoRA) both run on the lean path of `c2w.fast.llama`:
+prompts are packed without padding into one prefill that fills a KV cache and computes logits only
+at each prompt's last token; greedy steps then run a short hand-written loop over the cache (rows
+that reach EOS or their own token limit leave the batch). Answer log-probs take logits only at the
+answer positions. `decode_and_logprobs` does both from one shared prefill. LoRA adapters are merged
+into a per-call copy of the weights when the call processes enough tokens to pay for it; the live
+model is never modified. Other models use `model.generate` / a full forward.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from c2w.fast import llama
+
+DRAFT = True  # decode_and_logprobs: the answer serves as greedy's draft (exact: verified by the same pass)
+MERGE_MIN_TOKENS = 256  # fold LoRA into the weights for calls that process at least this many tokens
 
 
 def _batches(n: int, size: int):
@@ -10,26 +25,287 @@ def _batches(n: int, size: int):
         yield range(i, min(n, i + size))
 
 
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def _plan_for(model, n_tokens: int, fast: bool):
+    p = llama.plan(model) if fast else None
+    if p is not None and p.has_lora and n_tokens >= MERGE_MIN_TOKENS:
+        p = p.merged()
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and the three kinds of forward over it
+
+
+class Cache:
+    """Per-layer keys/values [B, Hkv, Lmax, D]; row b holds its sequence at positions 0..n_b-1."""
+
+    def __init__(self, p: llama.Plan, B: int, Lmax: int):
+        shape = (B, p.n_kv, Lmax, p.head_dim)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in p.layers]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in p.layers]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
+
+SHARED_PREFIX_MIN = 8  # prompts of a batch that share at least this many leading tokens prefill them once
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(map(len, seqs)) - 1  # every prompt keeps at least one token of its own
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def prefill(p: llama.Plan, seqs: list[list[int]], cache: Cache) -> torch.Tensor:
+    """Run the prompts (packed, no padding) into rows 0..B-1 of the cache; hidden at each last token.
+    A leading run of tokens shared by every prompt (a chat system prompt) is computed once."""
+    dev = p.device
+    P = _common_prefix(seqs) if len(seqs) > 1 else 0
+    pre = None
+    if P >= SHARED_PREFIX_MIN:
+        pre = [None] * len(p.layers)
+
+        def keep(i, k, v):
+            pre[i] = (k, v)
+            cache.k[i][:, :, :P] = k[0]
+            cache.v[i][:, :, :P] = v[0]
+
+        llama.hidden(p, llama.pack([seqs[0][:P]], dev), keep)
+        seqs = [s[P:] for s in seqs]
+    else:
+        P = 0
+    pk = llama.pack(seqs, dev)
+    R, C = pk.ids.shape
+    src = torch.cat([torch.arange(s, s + n) for s, n in zip(pk.starts, pk.lengths)]).to(dev)
+    row = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(pk.lengths)]).to(dev)
+    col = torch.cat([torch.arange(P, P + n) for n in pk.lengths]).to(dev)
+
+    def put(i, k, v):
+        cache.k[i][row, :, col] = k.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
+        cache.v[i][row, :, col] = v.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
+
+    h = llama.hidden(p, pk, put, pre)
+    last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
+    return h.index_select(0, last)
+
+
+def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor, valid: torch.Tensor,
+           write: bool, static: bool = False, kv_new=None) -> torch.Tensor:
+    """Run S new tokens per row [B, S] at positions start_b + j, attending to cache positions
+    < start_b and causally to each other. write=True stores their keys/values in the cache (decode);
+    write=False leaves it as it was (teacher forcing). Returns final-norm hidden [B, S, d].
+    static=True (write only) attends over the whole cache length under the mask: fixed shapes, no
+    host sync, so the step can be captured in a CUDA graph."""
+    B, S = toks.shape
+    H, Hk, D = p.n_heads, p.n_kv, p.head_dim
+    dev = toks.device
+    j = torch.arange(S, device=dev)
+    pos = start[:, None] + j  # [B, S]
+    Lc = cache.k[0].shape[2] if static else int(start.max()) + (S if write else 0)
+    if write:
+        key = torch.arange(Lc, device=dev)
+        mask = (key[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, S, Lc]
+        rows = torch.arange(B, device=dev)[:, None].expand(B, S)
+    else:
+        key = torch.arange(Lc, device=dev)
+        old = (key[None, :] < start[:, None])[:, None, :].expand(B, S, Lc)
+        new = (j[None, :] <= j[:, None])[None] & (valid[:, None, :] | (j[None, :] == j[:, None])[None])
+        mask = torch.cat([old, new], -1)[:, None]  # [B, 1, S, Lc + S]
+    h = F.embedding(toks, p.embed).view(B * S, -1)
+    cos, sin = llama.cos_sin(p, pos)
+    for i, L in enumerate(p.layers):
+        x = llama.rms(h, L.ln1, p.eps)
+        q, k, v = L.qkv(x).view(B, S, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
+        q, k = llama.rope(q, cos, sin), llama.rope(k, cos, sin)
+        if write:
+            cache.k[i][rows, :, pos] = k.transpose(1, 2)
+            cache.v[i][rows, :, pos] = v.transpose(1, 2)
+            kk, vv = cache.k[i][:, :, :Lc], cache.v[i][:, :, :Lc]
+        else:
+            if kv_new is not None:
+                kv_new(i, k, v)
+            kk = torch.cat([cache.k[i][:, :, :Lc], k], 2)
+            vv = torch.cat([cache.v[i][:, :, :Lc], v], 2)
+        o = llama.attend(q, kk, vv, mask, False).transpose(1, 2).reshape(B * S, H * D)
+        h = h + L.o(o)
+        g, u = L.gu(llama.rms(h, L.ln2, p.eps)).chunk(2, -1)
+        h = h + L.down(F.silu(g) * u)
+    return llama.rms(h, p.norm, p.eps).view(B, S, -1)
+
+
+def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int | None,
+            cache: Cache | None = None, h_last: torch.Tensor | None = None,
+            first: list[list[int]] | None = None) -> list[list[int]]:
+    """Greedy continuations (cut at EOS, at max_new[k]) from a prefilled cache (made here if None).
+    first[r]: greedy tokens already known for row r (at least one); the cache then holds all but the
+    last of them, which is the next step's input."""
+    B = len(seqs)
+    dev = p.device
+    max_new = list(max_new)
+    out: list[list[int]] = [[] for _ in seqs]
+    if max(max_new) <= 0:
+        return out
+    if cache is None:
+        cache = Cache(p, B, max(len(s) for s in seqs) + max(max_new))
+        h_last = prefill(p, seqs, cache)
+    if first is None:
+        first = [[t] for t in p.head(h_last).argmax(-1).tolist()]
+    graph = _GraphStep(p, cache) if CUDA_GRAPHS and dev.type == "cuda" else None
+    n = torch.tensor([len(s) + len(f) - 1 for s, f in zip(seqs, first)], device=dev)
+    live = list(range(B))  # sequence index of each cache row
+    new = first
+    while True:
+        done = []
+        for r, k in enumerate(live):
+            for t in new[r]:
+                if max_new[k] <= 0 or (eos is not None and t == eos):
+                    max_new[k] = 0
+                    break
+                out[k].append(t)
+                if len(out[k]) >= max_new[k]:
+                    max_new[k] = 0
+                    break
+            if max_new[k] <= 0:
+                done.append(r)
+        if len(done) == len(live):
+            return out
+        tok = torch.tensor([x[-1] for x in new], device=dev)
+        if graph is None and (done and len(done) * 4 >= len(live) or len(live) <= 2 and done):
+            keep = [r for r in range(len(live)) if max_new[live[r]] > 0]
+            idx = torch.tensor(keep, device=dev)
+            cache.keep(idx)
+            tok, n = tok[idx], n[idx]
+            live = [live[r] for r in keep]
+        if graph is not None:
+            logits = graph(tok, n)
+        else:
+            h = extend(p, cache, tok[:, None], n, torch.ones_like(tok[:, None], dtype=torch.bool), True)
+            logits = p.head(h[:, 0])
+        n = n + 1
+        new = [[t] for t in logits.argmax(-1).tolist()]
+
+
+CUDA_GRAPHS = False  # replay greedy steps from a captured CUDA graph (set by `c2w perf --cuda-graphs`)
+
+
+class _GraphStep:
+    """One greedy step (static shapes over the whole cache) captured once, replayed per token.
+    Rows that finish stay in the batch (their tokens are ignored): the shapes never change."""
+
+    def __init__(self, p: llama.Plan, cache: Cache):
+        B, Lmax = cache.k[0].shape[0], cache.k[0].shape[2]
+        dev = p.device
+        self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
+        self.n = torch.full((B,), Lmax - 1, dtype=torch.long, device=dev)  # warm-up writes a slot
+        self.valid = torch.ones((B, 1), dtype=torch.bool, device=dev)      # no real step reads unwritten
+        run = lambda: p.head(extend(p, cache, self.tok, self.n, self.valid, True, static=True)[:, 0])  # noqa: E731
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+
+    def __call__(self, tok: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok[:, None])
+        self.n.copy_(n)
+        self.graph.replay()
+        return self.logits
+
+
+def _answer_lp(p: llama.Plan, cache: Cache, rows: list[int], pre: list[list[int]], ans: list[list[int]],
+               res: list[float], out_idx: list[int], draft: list[bool] | None = None) -> dict[int, list[int]]:
+    """Mean log p(ans | pre) per item into res, from cache rows holding (at least) pre's tokens.
+
+    draft[r]: pre is the whole decode prompt of cache row rows[r]; its answer is then also a draft
+    for greedy decoding (speculative decoding, verified by this very pass): returns, per such cache
+    row, the greedy tokens it confirms (the answer's leading tokens that greedy reproduces, then
+    greedy's next token) and writes the confirmed tokens' keys/values into the cache."""
+    dev = p.device
+    draft = draft or [False] * len(rows)
+    seqs = [[q[-1]] + (a if d else a[:-1]) for q, a, d in zip(pre, ans, draft)]
+    S = max(map(len, seqs))
+    toks = torch.zeros((len(rows), S), dtype=torch.long)
+    tgt = torch.zeros((len(rows), S), dtype=torch.long)
+    inp = torch.zeros((len(rows), S), dtype=torch.bool)
+    tv = torch.zeros((len(rows), S), dtype=torch.bool)
+    for r, (s, a) in enumerate(zip(seqs, ans)):
+        toks[r, :len(s)] = torch.tensor(s)
+        inp[r, :len(s)] = True
+        tgt[r, :len(a)] = torch.tensor(a)
+        tv[r, :len(a)] = True
+    sub = cache
+    if rows != list(range(len(cache.k[0]))):
+        sub = Cache.__new__(Cache)
+        idx = torch.tensor(rows, device=dev)
+        sub.k = [t.index_select(0, idx) for t in cache.k]
+        sub.v = [t.index_select(0, idx) for t in cache.v]
+    start = torch.tensor([len(q) - 1 for q in pre], device=dev)
+    kv: list = [None] * len(p.layers)
+    hook = (lambda i, k, v: kv.__setitem__(i, (k, v))) if any(draft) else None
+    h = extend(p, sub, toks.to(dev), start, inp.to(dev), False, kv_new=hook)
+    tv = tv.to(dev)
+    sel = tv.flatten().nonzero().squeeze(1)
+    z = p.head(h.reshape(-1, h.shape[-1]).index_select(0, sel)).float()
+    lp = torch.log_softmax(z, -1).gather(1, tgt.to(dev).flatten()[sel][:, None]).squeeze(1)
+    for k, v in zip(out_idx, torch.split(lp, tv.sum(1).tolist())):
+        res[k] = v.mean().item()
+    confirmed: dict[int, list[int]] = {}
+    if not any(draft):
+        return confirmed
+    dr = [r for r, d in enumerate(draft) if d]
+    g = p.head(h[dr]).argmax(-1).tolist()  # [n_draft, S]: greedy's choice after each input token
+    for r, gr in zip(dr, g):
+        a = ans[r]
+        m = 0
+        while m < len(a) and gr[m] == a[m]:
+            m += 1
+        confirmed[rows[r]] = gr[: m + 1]
+        if m:  # keys/values of the accepted answer tokens (extend slots 1..m) join the cache
+            L = len(pre[r])
+            for i, (k, v) in enumerate(kv):
+                cache.k[i][rows[r], :, L:L + m] = k[r, :, 1:m + 1]
+                cache.v[i][rows[r], :, L:L + m] = v[r, :, 1:m + 1]
+    return confirmed
+
+
+# ---------------------------------------------------------------------------------------------
+# the public entry points
+
+
 @torch.no_grad()
-def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 32) -> list[list[int]]:
+def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 32,
+                  *, fast: bool = True) -> list[list[int]]:
     """Greedy continuation token ids for each prompt, item k cut at max_new_tokens[k] tokens.
 
-    Left-pads each batch so that every prompt ends at the same position. Stops a row at EOS.
+    Stops a row at EOS. Same tokens as `model.generate` on left-padded batches (greedy).
     """
-    dev = next(model.parameters()).device
+    if not prompts:
+        return []
+    seqs = _encode(tokenizer, prompts)
+    p = _plan_for(model, sum(map(len, seqs)) + sum(max_new_tokens), fast)
+    if p is None or any(len(s) == 0 for s in seqs):
+        return _hf_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
     out: list[list[int]] = [[] for _ in prompts]
-    tokenizer.padding_side = "left"
-    for idx in _batches(len(prompts), batch_size):
-        enc = tokenizer([prompts[k] for k in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-        n_new = max(max_new_tokens[k] for k in idx)
-        gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row, k in enumerate(idx):
-            ids = gen[row, enc.input_ids.shape[1]:].tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
-            out[k] = ids[: max_new_tokens[k]]
-    tokenizer.padding_side = "right"
+    with torch.inference_mode():
+        for idx in _batches(len(prompts), batch_size):
+            res = _greedy(p, [seqs[k] for k in idx], [max_new_tokens[k] for k in idx], tokenizer.eos_token_id)
+            for k, r in zip(idx, res):
+                out[k] = r
     return out
 
 
@@ -46,10 +322,96 @@ def answer_token_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], li
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 32,
+                    *, fast: bool = True) -> list[float]:
     """Mean per-token log p(answer | prompt) under teacher forcing, one float per probe."""
-    dev = next(model.parameters()).device
     pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    p = _plan_for(model, sum(len(a) + len(b) for a, b in pairs), fast)
+    if p is None:
+        return _hf_logprobs(model, tokenizer, pairs, batch_size)
+    res = [float("nan")] * len(pairs)
+    ok = [k for k, (q, a) in enumerate(pairs) if q and a]
+    with torch.inference_mode():
+        for bi in _batches(len(ok), batch_size):
+            idx = [ok[i] for i in bi]
+            seqs = [pairs[k][0] for k in idx]
+            cache = Cache(p, len(seqs), max(map(len, seqs)))
+            prefill(p, seqs, cache)
+            _answer_lp(p, cache, list(range(len(idx))), seqs, [pairs[k][1] for k in idx], res, idx)
+    return res
+
+
+@torch.no_grad()
+def decode_and_logprobs(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: list[int],
+                        batch_size: int = 32, *, fast: bool = True) -> tuple[list[list[int]], list[float]]:
+    """`greedy_decode` and `answer_logprobs` of the same probes from one shared prompt prefill."""
+    seqs = _encode(tokenizer, prompts)
+    pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    n_tok = sum(map(len, seqs)) + sum(max_new_tokens) + sum(len(a) for _, a in pairs)
+    p = _plan_for(model, n_tok, fast)
+    if p is None or any(len(s) == 0 for s in seqs):
+        return (greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size, fast=False),
+                answer_logprobs(model, tokenizer, prompts, answers, batch_size, fast=False))
+    out: list[list[int]] = [[] for _ in prompts]
+    res = [float("nan")] * len(prompts)
+    with torch.inference_mode():
+        for idx in _batches(len(prompts), batch_size):
+            idx = list(idx)
+            bs = [seqs[k] for k in idx]
+            mx = [max_new_tokens[k] for k in idx]
+            cache = Cache(p, len(idx), max(map(len, bs)) + max(max(mx), 0))
+            h_last = prefill(p, bs, cache)
+            # the answer's prompt part is a prefix of the decode prompt (the tokenisations agree up to n)
+            rows = [r for r, k in enumerate(idx) if pairs[k][0] and pairs[k][1]]
+            first = [[t] for t in p.head(h_last).argmax(-1).tolist()]
+            if rows:
+                # where the answer continues the whole decode prompt, it is also greedy's draft
+                # (capped so that confirmed tokens stay within the row's token limit and the cache)
+                draft = [DRAFT and pairs[idx[r]][0] == bs[r] and mx[r] > 1 for r in rows]
+                ans = [pairs[idx[r]][1][: mx[r] - 1] if d else pairs[idx[r]][1] for r, d in zip(rows, draft)]
+                conf = _answer_lp(p, cache, rows, [pairs[idx[r]][0] for r in rows], ans, res,
+                                  [idx[r] for r in rows], draft)
+                if any(len(a) != len(pairs[idx[r]][1]) for r, a in zip(rows, ans)):  # capped: score in full
+                    full = [r for r, a in zip(rows, ans) if len(a) != len(pairs[idx[r]][1])]
+                    _answer_lp(p, cache, full, [pairs[idx[r]][0] for r in full], [pairs[idx[r]][1] for r in full],
+                               res, [idx[r] for r in full])
+                for r, toks in conf.items():
+                    first[r] = toks
+            for k, r in zip(idx, _greedy(p, bs, mx, tokenizer.eos_token_id, cache, h_last, first)):
+                out[k] = r
+    return out, res
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformers path (any model; also the reference the tests compare against)
+
+
+def _hf_greedy(model, tokenizer, prompts, max_new_tokens, batch_size):
+    dev = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for idx in _batches(len(prompts), batch_size):
+            enc = tokenizer([prompts[k] for k in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(dev)
+            n_new = max(max_new_tokens[k] for k in idx)
+            if n_new <= 0:
+                continue
+            gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for row, k in enumerate(idx):
+                ids = gen[row, enc.input_ids.shape[1]:].tolist()
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_token_id)]
+                out[k] = ids[: max_new_tokens[k]]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _hf_logprobs(model, tokenizer, pairs, batch_size):
+    dev = next(model.parameters()).device
     res: list[float] = []
     for idx in _batches(len(pairs), batch_size):
         seqs = [pairs[k][0] + pairs[k][1] for k in idx]
@@ -62,6 +424,9 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
         logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1)
         for r, k in enumerate(idx):
             n_p, ans = len(pairs[k][0]), pairs[k][1]
+            if n_p == 0 or not ans:
+                res.append(float("nan"))
+                continue
             pos = torch.arange(n_p - 1, n_p - 1 + len(ans), device=dev)
             res.append(logp[r, pos, torch.tensor(ans, device=dev)].mean().item())
     return res

@@ -1,0 +1,380 @@
+"""A lean forward for Llama-layout causal LMs that reads the weights of a live HF model.
+
+Works on a plain `LlamaForCausalLM` and on a PEFT `PeftModel` with any number of active LoRA
+adapters: each projection is `x W^T + sum_i s_i (x A_i^T) B_i^T`, with the adapters stacked along the
+rank and q/k/v (and gate/up) fused into one matmul, so gradients flow to the live LoRA (or base)
+parameters through ordinary autograd. What it saves over `model(...)` + PEFT: padding (sequences are
+packed into rows, attention kept per sequence by a block-diagonal mask), logits at positions nobody
+reads, and the per-module Python and elementwise work (one scaling multiply and one add per LoRA
+module and direction, separate q/k/v and gate/up launches).
+
+`plan(model)` returns None for anything it does not reproduce exactly (DoRA, LoRA dropout in training
+mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use the HF path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Lin:
+    """One (possibly fused) projection: y = x W^T (+ b) (+ (x A^T) B^T)."""
+    W: torch.Tensor
+    b: torch.Tensor | None
+    A: torch.Tensor | None  # [R, in], adapters stacked along the rank
+    B: torch.Tensor | None  # [out, R], scaling folded in
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.W, self.b)
+        if self.A is not None:
+            y = torch.addmm(y, x @ self.A.t(), self.B.t())
+        return y
+
+    def merged(self) -> "Lin":
+        """The same map with the adapters folded into W (for inference over many tokens)."""
+        if self.A is None:
+            return self
+        return Lin(torch.addmm(self.W, self.B, self.A), self.b, None, None)
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    qkv: Lin
+    o: Lin
+    ln2: torch.Tensor
+    gu: Lin
+    down: Lin
+
+
+@dataclass
+class Plan:
+    embed: torch.Tensor
+    layers: list[Layer]
+    norm: torch.Tensor
+    head: Lin
+    rotary: torch.nn.Module
+    eps: float
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def vocab(self) -> int:
+        return self.head.W.shape[0]
+
+    def merged(self) -> "Plan":
+        ls = [Layer(L.ln1, L.qkv.merged(), L.o.merged(), L.ln2, L.gu.merged(), L.down.merged()) for L in self.layers]
+        return Plan(self.embed, ls, self.norm, self.head.merged(), self.rotary, self.eps, self.n_heads, self.n_kv,
+                    self.head_dim, self.dtype, self.device)
+
+    @property
+    def has_lora(self) -> bool:
+        return any(L.qkv.A is not None or L.gu.A is not None or L.o.A is not None or L.down.A is not None
+                   for L in self.layers) or self.head.A is not None
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _unwrap(model):
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()
+    if PeftModel and isinstance(model, PeftModel):
+        cfgs = getattr(model, "peft_config", {}) or {}
+        for c in cfgs.values():
+            if str(getattr(c, "peft_type", "")).split(".")[-1] != "LORA":
+                raise Unsupported("non-LoRA PEFT")
+        return model.get_base_model()
+    return model
+
+
+def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """(W, bias, [(A, B, scale), ...]) of a Linear or a PEFT LoRA Linear."""
+    if type(mod) is torch.nn.Linear:
+        return mod.weight, mod.bias, []
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover
+        raise Unsupported(type(mod).__name__)
+    if not isinstance(mod, LoraLinear):
+        raise Unsupported(type(mod).__name__)
+    base = mod.get_base_layer()
+    if type(base) is not torch.nn.Linear or getattr(mod, "fan_in_fan_out", False):
+        raise Unsupported("LoRA over a non-Linear base")
+    if mod.merged:
+        raise Unsupported("merged adapters")
+    loras = []
+    if not mod.disable_adapters:
+        for name in mod.active_adapters:
+            if name not in mod.lora_A:
+                continue
+            if mod.use_dora.get(name, False) or mod.lora_B[name].bias is not None:
+                raise Unsupported("DoRA / LoRA bias")
+            drop = mod.lora_dropout[name]
+            if not isinstance(drop, torch.nn.Identity) and drop.training and drop.p > 0:
+                raise Unsupported("LoRA dropout in training mode")
+            if getattr(mod, "lora_variant", {}).get(name) is not None:
+                raise Unsupported("LoRA variant")
+            loras.append((mod.lora_A[name].weight, mod.lora_B[name].weight, float(mod.scaling[name])))
+    return base.weight, base.bias, loras
+
+
+def _fuse(mods, dtype) -> Lin:
+    """One Lin computing the concatenated outputs of `mods` (all reading the same input)."""
+    parts = [_pieces(m) for m in mods]
+    Ws = [p[0] for p in parts]
+    W = Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
+    bs = [p[1] for p in parts]
+    if all(b is None for b in bs):
+        b = None
+    else:
+        b = torch.cat([bb if bb is not None else W.new_zeros(w.shape[0]) for bb, w in zip(bs, Ws)])
+    As, Bs = [], []
+    for (w, _, loras) in parts:
+        blocks = []
+        for A, B, s in loras:
+            As.append(A.to(dtype))
+            blocks.append(B.to(dtype) * s)
+        Bs.append((w.shape[0], blocks))
+    if not As:
+        return Lin(W, b, None, None)
+    A = As[0] if len(As) == 1 else torch.cat(As, 0)
+    # B is block-structured: rows of module j only see the ranks of module j's adapters.
+    R = A.shape[0]
+    rows, col = [], 0
+    for out, blocks in Bs:
+        r = sum(bl.shape[1] for bl in blocks)
+        cat = torch.cat(blocks, 1) if len(blocks) > 1 else (blocks[0] if blocks else W.new_zeros(out, 0))
+        rows.append(F.pad(cat, (col, R - col - r)) if R != r else cat)
+        col += r
+    B = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+    return Lin(W, b, A, B)
+
+
+def plan(model) -> Plan | None:
+    """Extract the computation of `model`, or None when the lean path does not cover it."""
+    try:
+        return _plan(model)
+    except Unsupported:
+        return None
+
+
+def _plan(model) -> Plan:
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) != "llama" or not hasattr(m, "model"):
+        raise Unsupported("not a Llama causal LM")
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        raise Unsupported("activation / tp")
+    if m.training and getattr(cfg, "attention_dropout", 0.0):
+        raise Unsupported("attention dropout in training mode")
+    core = m.model
+    if type(core.embed_tokens) is not torch.nn.Embedding:
+        raise Unsupported("embedding adapter")
+    dtype = core.embed_tokens.weight.dtype
+    layers = []
+    for blk in core.layers:
+        a, f = blk.self_attn, blk.mlp
+        if type(a).__name__ != "LlamaAttention" or type(f).__name__ != "LlamaMLP":
+            raise Unsupported("layer type")
+        layers.append(Layer(blk.input_layernorm.weight, _fuse([a.q_proj, a.k_proj, a.v_proj], dtype),
+                            _fuse([a.o_proj], dtype), blk.post_attention_layernorm.weight,
+                            _fuse([f.gate_proj, f.up_proj], dtype), _fuse([f.down_proj], dtype)))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    W = core.embed_tokens.weight
+    return Plan(W, layers, core.norm.weight, _fuse([m.lm_head], dtype), core.rotary_emb, cfg.rms_norm_eps,
+                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, dtype, W.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    # HF: normalise in fp32, cast back, then scale in the model dtype.
+    return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), -1)
+    return x * cos + rot * sin
+
+
+def cos_sin(p: Plan, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [R, 1, C, D] for positions [R, C] (through the model's own rotary module)."""
+    cos, sin = p.rotary(p.embed[:1], pos)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def attend(q, k, v, mask, causal: bool):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+@dataclass
+class Packed:
+    """Sequences packed into R rows of C slots. `dst` flat slot of each token, in sequence order."""
+    ids: torch.Tensor  # [R, C]
+    pos: torch.Tensor  # [R, C]
+    mask: torch.Tensor | None  # [R, 1, C, C] bool, None when every row is one full causal sequence
+    starts: list[int]  # flat slot of each sequence's first token
+    lengths: list[int]
+
+    def flat(self, k: int, j: int) -> int:
+        return self.starts[k] + j
+
+
+def pack(seqs: list[list[int]], device, capacity: int | None = None, pad_id: int = 0) -> Packed:
+    """First-fit-decreasing packing of token lists into rows of `capacity` (default: the longest)."""
+    lens = [len(s) for s in seqs]
+    C = max(capacity or 0, max(lens))
+    order = sorted(range(len(seqs)), key=lambda k: -lens[k])
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for k in order:
+        for r, f in enumerate(free):
+            if f >= lens[k]:
+                rows[r].append(k)
+                free[r] -= lens[k]
+                break
+        else:
+            rows.append([k])
+            free.append(C - lens[k])
+    R = len(rows)
+    ids = torch.full((R, C), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, C), dtype=torch.long)
+    seg = torch.full((R, C), -1, dtype=torch.long)
+    starts = [0] * len(seqs)
+    for r, ks in enumerate(rows):
+        off = 0
+        for k in ks:
+            n = lens[k]
+            ids[r, off:off + n] = torch.tensor(seqs[k], dtype=torch.long)
+            pos[r, off:off + n] = torch.arange(n)
+            seg[r, off:off + n] = k
+            starts[k] = r * C + off
+            off += n
+    dense = all(len(ks) == 1 and lens[ks[0]] == C for ks in rows)
+    mask = None
+    if not dense:
+        same = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None]) & (seg[:, :, None] >= 0)
+        same |= torch.eye(C, dtype=torch.bool)  # pad slots attend to themselves: no all-masked rows (NaN)
+        mask = same[:, None].to(device)
+    return Packed(ids.to(device), pos.to(device), mask, starts, lens)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward passes
+
+
+COMPILE = False  # torch.compile the per-layer block (set by `c2w perf --compile`)
+_compiled = None
+
+
+def block(h, L: Layer, cos, sin, mask, R: int, C: int, H: int, Hk: int, D: int, eps: float, kv_out=None, i: int = 0,
+          pre=None):
+    """One decoder layer on flat hidden [R*C, d] of packed rows. pre: this layer's (k, v) [1, Hkv, P, D]
+    of a prefix that every row continues (mask then covers P + C keys)."""
+    x = rms(h, L.ln1, eps)
+    q, k, v = L.qkv(x).view(R, C, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if kv_out is not None:
+        kv_out(i, k, v)
+    if pre is not None:
+        k = torch.cat([pre[0].expand(R, -1, -1, -1), k], 2)
+        v = torch.cat([pre[1].expand(R, -1, -1, -1), v], 2)
+    o = attend(q, k, v, mask, True).transpose(1, 2).reshape(R * C, H * D)
+    h = h + L.o(o)
+    g, u = L.gu(rms(h, L.ln2, eps)).chunk(2, -1)
+    return h + L.down(F.silu(g) * u)
+
+
+def _block_fn():
+    global _compiled
+    if not COMPILE:
+        return block
+    if _compiled is None:
+        _compiled = torch.compile(block, dynamic=True)
+    return _compiled
+
+
+def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
+    """Final-norm hidden states [R*C, d] of packed rows. kv_out(layer, k, v) receives each layer's
+    post-rope keys/values [R, Hkv, C, D] (to fill a decode cache). pre: per-layer (k, v) of a shared
+    prefix of P tokens that every packed sequence continues (positions in pk then start at 0 after it)."""
+    R, C = pk.ids.shape
+    h = F.embedding(pk.ids, p.embed).view(R * C, -1)
+    mask, pos = pk.mask, pk.pos
+    if pre is not None:
+        P = pre[0][0].shape[2]
+        pos = pos + P
+        own = mask if mask is not None else torch.ones(C, C, dtype=torch.bool, device=h.device).tril()[None, None].expand(R, 1, C, C)
+        mask = torch.cat([torch.ones(R, 1, C, P, dtype=torch.bool, device=h.device), own], -1)
+    cos, sin = cos_sin(p, pos)
+    fn = block if kv_out is not None or pre is not None else _block_fn()
+    for i, L in enumerate(p.layers):
+        h = fn(h, L, cos, sin, mask, R, C, p.n_heads, p.n_kv, p.head_dim, p.eps, kv_out, i,
+               None if pre is None else pre[i])
+    return rms(h, p.norm, p.eps)
+
+
+class _LinearCE(torch.autograd.Function):
+    """sum_i -log softmax(h_i W^T)[t_i] / denom, chunked over rows; the gradient is formed in the
+    forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept."""
+
+    @staticmethod
+    def forward(ctx, h, W, t, denom: float, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dW = torch.zeros_like(W, dtype=torch.float32) if need_w else None
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk], t[i:i + chunk]
+            z = (hc @ W.t()).float()
+            lse = torch.logsumexp(z, -1)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                z.sub_(lse[:, None]).exp_()
+                z[torch.arange(len(tc), device=z.device), tc] -= 1.0
+                g = z.div_(denom).to(h.dtype)
+                if need_h:
+                    dh[i:i + chunk] = g @ W
+                if need_w:
+                    dW.addmm_(g.t().float(), hc.float())
+        ctx.save_for_backward(dh, dW.to(W.dtype) if dW is not None else None)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, go):
+        dh, dW = ctx.saved_tensors
+        return (dh * go if dh is not None else None, dW * go if dW is not None else None, None, None, None)
+
+
+def linear_ce(h: torch.Tensor, head: Lin, t: torch.Tensor, denom: float, chunk: int | None = None) -> torch.Tensor:
+    if chunk is None:
+        budget = 2 ** 27 if h.device.type == "cuda" else 2 ** 25  # logits elements per chunk (CPU: 8 x 64 in one)
+        chunk = max(16, budget // head.W.shape[0])
+    if head.A is not None:  # rare (LoRA on lm_head): plain autograd
+        z = head(h).float()
+        return F.cross_entropy(z, t, reduction="sum") / denom
+    if head.b is not None:
+        z = F.linear(h, head.W, head.b).float()
+        return F.cross_entropy(z, t, reduction="sum") / denom
+    return _LinearCE.apply(h, head.W, t, float(denom), chunk)

@@ -1,0 +1,461 @@
+"""`c2w perf`: c2w's write and scoring paths against a plain transformers + PEFT loop, in one process.
+
+Both sides get the same model shape (SmolLM2-135M, random init unless --real-weights), the same LoRA
+(r=16, alpha=32, all linear layers), the same batches and device. Runs alternate plain / c2w for
+`repeats` rounds after one warm-up each; medians are reported, since other jobs may share the CPU.
+
+  write     one LoRA step on B x L tokens. plain: PeftModel(input_ids, labels=) -> loss.backward()
+            -> AdamW.step(). c2w: what the trainer runs: lm_loss -> backward -> clip -> fused AdamW.
+  write_var the same with variable-length texts (L/4..L tokens) right-padded to the longest, as the
+            trainer's batches are; tokens/s counts real tokens.
+  scoring   probe scoring of 32 prompts (12-30 tokens, answers 1-4 tokens): teacher-forced answer
+            log-prob + greedy decode of answer length + 4 tokens. plain: full-logits forward on the
+            padded batch + model.generate; c2w: decode_and_logprobs.
+  scoring_chat  the same prompts behind one shared ~20-token system prefix (chat-format probes).
+  decode    greedy decoding of 32 new tokens at batch 1 and batch 32. plain: model.generate.
+
+Each workload also reports how closely the two paths agree (loss / log-prob differences, share of
+identical greedy tokens), peak memory (CUDA: allocator peak; CPU: peak RSS growth over the step,
+sampled every 2 ms after malloc_trim), and MFU: the task's model FLOPs (write: 4 x params + 6 x LoRA
+params per real token; inference: 2 x params per prompt, answer and generated token, counted once,
+the same numerator for both paths) over the time, against the square-GEMM throughput measured in the
+same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import os
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3)
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+WORKLOADS = ("write", "write_var", "scoring", "scoring_chat", "decode")
+WORDS = ("the river town lies on banks of a valley north old stone bridge market where people trade grain "
+         "and wool every spring she was born in city near coast worked as botanist for many years before "
+         "moving to capital his brother wrote books about ships").split()
+SYSTEM = "You are a helpful assistant. Answer each question with a short fact and nothing else."
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMem:
+    """Peak memory growth over a block: CUDA allocator peak, or sampled RSS on CPU (Linux)."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.peak = dev, 0
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        elif os.path.exists("/proc/self/statm"):
+            _trim()
+            self.base = self.top = _rss()
+            self.stop = threading.Event()
+            self.th = threading.Thread(target=self._sample, daemon=True)
+            self.th.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.002):
+            self.top = max(self.top, _rss())
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.base
+        elif hasattr(self, "th"):
+            self.stop.set()
+            self.th.join()
+            self.peak = max(self.top, _rss()) - self.base
+        return False
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None, rounds: int = 3) -> float:
+    """FLOP/s of a square GEMM on this device now (best of `rounds`): the MFU denominator. `c2w perf`
+    measures it again in every timed round, so that MFU compares with what the GEMM reached under the
+    same load (other jobs may share the CPU)."""
+    n = n or (4096 if dev.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    per = 2 if dev.type == "cpu" else 20
+    ts = []
+    for _ in range(rounds):
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(per):
+            a @ b
+        _sync(dev)
+        ts.append((time.perf_counter() - t) / per)
+    return 2 * n ** 3 / min(ts)
+
+
+@dataclass
+class Side:
+    name: str
+    fn: object  # () -> None, one step
+    tokens: int  # tokens per step (real tokens for training, processed tokens for inference)
+    flops: float  # model FLOPs per step
+    times: list
+    peak: int = 0
+
+
+def _compare(dev, sides: list[Side], repeats: int, probe) -> dict:
+    """Warm-up (with peak memory), then `repeats` rounds of plain / c2w, each round preceded by a GEMM
+    probe; MFU is against the median probe."""
+    for s in sides:  # warm-up, with peak memory
+        with PeakMem(dev) as pm:
+            s.fn()
+            _sync(dev)
+        s.peak = pm.peak
+    rates = []
+    for _ in range(repeats):
+        rates.append(probe())
+        for s in sides:
+            _sync(dev)
+            t = time.perf_counter()
+            s.fn()
+            _sync(dev)
+            s.times.append(time.perf_counter() - t)
+    peak_flops = statistics.median(rates)
+    out = {"gemm_gflops": peak_flops / 1e9}
+    for s in sides:
+        med = statistics.median(s.times)
+        out[s.name] = dict(tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak_flops,
+                           peak_mem_mb=s.peak / 2 ** 20, times_s=[round(t, 4) for t in s.times])
+    return out
+
+
+def _result(stats: dict, **extra) -> dict:
+    p, c = stats["plain"], stats["c2w"]
+    return dict(plain=p["tokens_per_s"], c2w=c["tokens_per_s"], ratio=c["tokens_per_s"] / p["tokens_per_s"],
+                gemm_gflops=stats.pop("gemm_gflops"), detail=stats, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+
+
+def _models(base, lora_kw: dict, n: int = 2):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **lora_kw)
+    out = []
+    for _ in range(n):
+        torch.manual_seed(0)
+        out.append(get_peft_model(copy.deepcopy(base), cfg))
+    return out
+
+
+def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]:
+    """n word strings of lo..hi tokens each."""
+    out = []
+    for _ in range(n):
+        want = rng.randint(lo, hi)
+        words: list[str] = []
+        while len(tokenizer(" ".join(words), add_special_tokens=False).input_ids) < want:
+            words.append(rng.choice(WORDS))
+        ids = tokenizer(" ".join(words), add_special_tokens=False).input_ids[:want]
+        out.append(tokenizer.decode(ids))
+    return out
+
+
+def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw) -> dict:
+    from c2w.fast import lm_loss, make_optimizer
+
+    plain_m, fast_m = _models(base, lora_kw)
+    plain_m.train()
+    fast_m.train()
+    pp = [p for p in plain_m.parameters() if p.requires_grad]
+    fp = [p for p in fast_m.parameters() if p.requires_grad]
+    plain_opt = torch.optim.AdamW(pp, lr=1e-4, weight_decay=0.0)
+    fast_opt = make_optimizer(fp, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (B, L), generator=g)
+    att = torch.ones_like(ids)
+    if var:
+        lens = torch.randint(max(2, L // 4), L + 1, (B,), generator=g)
+        lens[0] = L
+        att = (torch.arange(L)[None] < lens[:, None]).long()
+        ids = ids.masked_fill(att == 0, tok.pad_token_id)
+    ids, att = ids.to(dev), att.to(dev)
+    labels = ids.masked_fill(att == 0, -100)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+
+    def plain():
+        with amp:
+            loss = plain_m(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss.backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    def fast():
+        with amp:
+            loss = lm_loss(fast_m, ids, att, att.bool())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fp, 1.0)
+        fast_opt.step()
+        fast_opt.zero_grad(set_to_none=True)
+
+    # agreement before any step: the loss and the LoRA gradients of both paths
+    with amp:
+        l_plain = plain_m(input_ids=ids, attention_mask=att, labels=labels).loss
+        l_fast = lm_loss(fast_m, ids, att, att.bool())
+    l_plain.backward()
+    l_fast.backward()
+    gdiff = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp(min=1e-12)) for a, b in zip(fp, pp))
+    plain_opt.zero_grad(set_to_none=True)
+    fast_opt.zero_grad(set_to_none=True)
+    n_real = int(att.sum())
+    trainable = sum(p.numel() for p in fp)
+    flops = n_real * (4 * n_params + 6 * trainable)
+    stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
+                     repeats, peak)
+    return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain.item(), loss_c2w=l_fast.item(),
+                   loss_abs_diff=abs(l_plain.item() - l_fast.item()), grad_max_rel_diff=gdiff)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw) -> dict:
+    from c2w.fast import decode
+
+    plain_m, fast_m = _models(base, lora_kw)
+    for m in (plain_m, fast_m):  # an adapter that has been written, so LoRA is not a no-op
+        m.eval()
+        torch.manual_seed(1)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    rng = random.Random(0)
+    prompts = _texts(tok, rng, 12, 30, n)
+    if chat:
+        prompts = [f"{SYSTEM}\nQuestion: {p}\nAnswer:" for p in prompts]
+    answers = _texts(tok, rng, 1, 4, n)
+    n_ans = [len(tok(" " + a, add_special_tokens=False).input_ids) for a in answers]
+    mx = [k + 4 for k in n_ans]
+    res = {}
+
+    def plain():
+        res["plain"] = (decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=32, fast=False),
+                        decode.answer_logprobs(plain_m, tok, prompts, answers, batch_size=32, fast=False))
+
+    def fast():
+        res["c2w"] = decode.decode_and_logprobs(fast_m, tok, prompts, answers, mx, batch_size=32)
+
+    n_prompt = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
+    toks = n_prompt + sum(mx)  # prompt tokens read + tokens decoded (upper bound, EOS may cut)
+    flops = 2 * n_params * (toks + sum(n_ans))  # the task's own work: each prompt, answer and new token once
+    stats = _compare(dev, [Side("plain", plain, toks, flops, []), Side("c2w", fast, toks, flops, [])], repeats, peak)
+    (gp, lp), (gc, lc) = res["plain"], res["c2w"]
+    same = sum(a == b for x, y in zip(gp, gc) for a, b in zip(x, y)) / max(1, sum(len(x) for x in gp))
+    return _result(stats, prompts=n, prompt_tokens=n_prompt, logprob_max_abs_diff=max(abs(a - b) for a, b in zip(lp, lc)),
+                   greedy_rows_identical=sum(a == b for a, b in zip(gp, gc)) / n, greedy_tokens_identical=same)
+
+
+def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, peak, n_params: int, lora_kw) -> dict:
+    from c2w.fast import decode
+
+    plain_m, fast_m = _models(base, lora_kw)
+    for m in (plain_m, fast_m):
+        m.eval()
+    out = {}
+    for B in batches:
+        prompts = _texts(tok, random.Random(B), 12, 30, B)
+        mx = [new] * B
+        res = {}
+
+        def plain():
+            res["plain"] = decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=B, fast=False)
+
+        def fast():
+            res["c2w"] = decode.greedy_decode(fast_m, tok, prompts, mx, batch_size=B)
+
+        flops = 2 * n_params * (B * new + sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts))
+        stats = _compare(dev, [Side("plain", plain, B * new, flops, []), Side("c2w", fast, B * new, flops, [])],
+                         repeats, peak)
+        out[str(B)] = _result(stats, batch=B, new_tokens=new,
+                              greedy_rows_identical=sum(a == b for a, b in zip(res["plain"], res["c2w"])) / B)
+    first = out[str(batches[0])]
+    return dict(plain=first["plain"], c2w=first["c2w"], ratio=first["ratio"], batch=batches[0], by_batch=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def load_model(shape: str, real_weights: bool, dev: torch.device, dtype: torch.dtype, tokenizer=None):
+    from transformers import LlamaForCausalLM
+
+    from c2w.backbone import load_backbone, load_tokenizer, tiny_config
+
+    if real_weights:
+        bb = load_backbone("smollm2", device=str(dev), dtype=dtype)
+        return bb.model, bb.tokenizer
+    tok = tokenizer or load_tokenizer("tiny")
+    torch.manual_seed(0)
+    kw = dict(SMOLLM2_SHAPE) if shape == "smollm2" else dict(TINY_SHAPE, vocab_size=len(tok))
+    model = LlamaForCausalLM(tiny_config(**kw)).to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = None, repeats: int = 3,
+             real_weights: bool = False, compile: bool = False, shape: str = "smollm2",
+             workloads: tuple[str, ...] | list[str] = WORKLOADS, scoring_prompts: int = 32, decode_tokens: int = 32,
+             decode_batches: tuple[int, ...] = (1, 32), threads: int | None = None, log=None,
+             tokenizer=None, cuda_graphs: bool = False) -> dict:
+    """Run the workloads; returns {workload: {plain, c2w (tokens/s), ratio, detail, ...}, 'setup': ...}.
+    `tokenizer`: reuse one already loaded (random-init shapes only)."""
+    from c2w.backbone import default_dtype, resolve_device
+    from c2w.fast import decode, llama
+
+    dev = resolve_device(device)
+    dtype = default_dtype(dev)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    say = log or (lambda *_: None)
+    t0 = time.perf_counter()
+    model, tok = load_model(shape, real_weights, dev, dtype, tokenizer)
+    load_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    B = batch or (32 if dev.type == "cuda" else 8)
+    L = seq or (128 if dev.type == "cuda" else 64)
+    lora_kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    n_gemm = None if shape == "smollm2" else 256
+    peak = lambda: matmul_peak(dev, dtype, n_gemm, rounds=2)  # noqa: E731  (re-measured every round)
+    llama.COMPILE = bool(compile)
+    decode.CUDA_GRAPHS = bool(cuda_graphs) and dev.type == "cuda"
+    out: dict = dict(setup=dict(device=str(dev), device_name=_device_name(dev), dtype=str(dtype).replace("torch.", ""),
+                                model="SmolLM2-135M" + (" (real weights)" if real_weights else " shape, random init")
+                                if shape == "smollm2" else "tiny", params=n_params, lora=lora_kw, repeats=repeats,
+                                threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
+                                cuda_graphs=decode.CUDA_GRAPHS,
+                                matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
+    try:
+        for w in workloads:
+            t = time.perf_counter()
+            say(f"perf: {w} ...")
+            if w in ("write", "write_var"):
+                out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw)
+            elif w in ("scoring", "scoring_chat"):
+                out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw)
+            elif w == "decode":
+                out[w] = bench_decode(model, tok, dev, list(decode_batches), decode_tokens, repeats, peak, n_params, lora_kw)
+            else:
+                raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+            out[w]["wall_s"] = time.perf_counter() - t
+    finally:
+        llama.COMPILE = False
+        decode.CUDA_GRAPHS = False
+        torch.set_num_threads(threads_before)
+    return out
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "cpu")
+        return f"{name} x{os.cpu_count()}"
+    except OSError:
+        return "cpu"
+
+
+def format_table(res: dict) -> str:
+    s = res["setup"]
+    lines = [f"c2w perf on {s['device_name']} ({s['device']}, {s['dtype']}, {s['threads']} threads), {s['model']}, "
+             f"LoRA r={s['lora']['r']} all-linear; medians of {s['repeats']}; MFU against the square GEMM "
+             f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)",
+             f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"]
+    for w, r in res.items():
+        if w == "setup":
+            continue
+        rows = r["by_batch"].items() if "by_batch" in r else [("", r)]
+        for tag, rr in rows:
+            name = f"{w}{' b' + tag if tag else ''}"
+            for path in ("plain", "c2w"):
+                d = rr["detail"][path]
+                ratio = f"{rr['ratio']:.2f}x" if path == "c2w" else ""
+                lines.append(f"{name if path == 'plain' else '':<16}{path:<7}{d['tokens_per_s']:>11.1f}"
+                             f"{d['ms_per_step']:>11.1f}{100 * d['mfu']:>7.1f}%{d['peak_mem_mb']:>10.0f}{ratio:>11}")
+        agree = {k: v for k, v in r.items() if "diff" in k or "identical" in k}
+        if agree:
+            lines.append(" " * 16 + "agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
+    return "\n".join(lines)
+
+
+def add_perf_parser(subparsers):
+    p = subparsers.add_parser("perf", help="time c2w's write and scoring paths against plain transformers + PEFT")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device for both paths")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--batch", type=int, default=None, help="write batch (default 8 on CPU, 32 on CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="write sequence length (default 64 on CPU, 128 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per path (medians reported)")
+    p.add_argument("--real-weights", action="store_true", help="load the embedded SmolLM2-135M instead of random init")
+    p.add_argument("--compile", action="store_true", help="torch.compile the c2w layer stack (compile time included in warm-up)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay c2w's greedy steps from CUDA graphs (CUDA only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "tiny"], help="model shape")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")
+    p.set_defaults(func=cmd_perf)
+    return p
+
+
+def cmd_perf(ns) -> int:
+    import sys
+
+    res = run_perf(device=ns.device, batch=ns.batch, seq=ns.seq, repeats=ns.repeats, real_weights=ns.real_weights,
+                   compile=ns.compile, shape=ns.shape, threads=ns.threads,
+                   cuda_graphs=ns.cuda_graphs, workloads=[w for w in ns.workloads.split(",") if w],
+                   log=None if ns.json else (lambda m: print(m, file=sys.stderr)))
+    print(json.dumps(res, indent=1) if ns.json else format_table(res))
+    return 0
+
+
+if __name__ == "__main__":  # python -m c2w.perf [flags]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="c2w")
+    add_perf_parser(ap.add_subparsers(dest="command", required=True))
+    ns = ap.parse_args(["perf", *__import__("sys").argv[1:]])
+    raise SystemExit(ns.func(ns))

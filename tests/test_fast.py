@@ -1,0 +1,250 @@
+"""The fast paths give the plain transformers (+ PEFT) numbers: loss and gradients, greedy tokens,
+answer log-probs, on the tiny model, plain and with LoRA adapters, with padding and ragged lengths.
+
+Tolerances (fp32 on CPU): loss |diff| <= 1e-5, gradients max |diff| <= 1e-4 x max |grad|,
+log-probs |diff| <= 1e-4 nats, greedy token ids identical.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from c2w.fast import answer_logprobs, decode_and_logprobs, greedy_decode, lm_loss, make_optimizer
+from c2w.fast import decode as D
+from c2w.fast import llama
+
+LOSS_TOL = 1e-5
+GRAD_RTOL = 1e-4
+LP_TOL = 1e-4
+
+PROMPTS = ["Tulkil is a town on the river", "Question: Which river flows through Tulkil?\nAnswer:",
+           "By profession, Skolkusk Fodarn is a", "The capital of", "The answer is ", "Her brother wrote",
+           "In 1887 the old stone bridge over the valley was rebuilt by the people of the market town", "A"]
+ANSWERS = ["Dernoln", "Dernoln", "botanist", "France", "Paris", "books about ships", "1887", "cat"]
+
+
+def _lora(model, names=("default",), seed=0, std=0.05, **kw):
+    """A PEFT model with non-zero B so that each adapter changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**cfg), adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, LoraConfig(**cfg))
+    if len(names) > 1:
+        pm.base_model.set_adapter(list(names))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, std)
+    return pm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine: one thread is steadier and faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    base = copy.deepcopy(tiny.model)
+    with torch.no_grad():  # larger weights than the default init: varied greedy outputs
+        for p in base.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return {"plain": base, "lora": _lora(base), "two-adapters": _lora(base, ("first", "second"), seed=1)}
+
+
+def _batch(vocab, pad):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (4, 12), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 7:] = 0
+    att[2, 3:] = 0
+    att[3, 11:] = 0
+    return ids.masked_fill(att == 0, pad), att
+
+
+def _grad_close(ga, gb):
+    for a, b in zip(ga, gb):
+        assert (a - b).abs().max() <= GRAD_RTOL * b.abs().max().clamp(min=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "two-adapters"])
+def test_lm_loss_matches_hf_labels_loss(models, tiny, kind):
+    m = models[kind]
+    assert llama.plan(m) is not None
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    labels = ids.masked_fill(att == 0, -100)
+    ref = m(input_ids=ids, attention_mask=att, labels=labels).loss
+    got = lm_loss(m, ids, att, att.bool())
+    assert abs(got.item() - ref.item()) <= LOSS_TOL
+    params = [p for p in m.parameters() if p.requires_grad]
+    if params:
+        _grad_close(torch.autograd.grad(got, params), torch.autograd.grad(ref, params))
+
+
+def test_lm_loss_partial_targets_and_full_ft(tiny):
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    lm = att.bool().clone()
+    lm[:, :5] = False  # only the tail of each text is a target
+    m = copy.deepcopy(tiny.model).requires_grad_(True)  # full fine-tuning: base and tied embedding train
+    params = list(m.parameters())
+    ref = lm_loss(m, ids, att, lm, fast=False)
+    got = lm_loss(m, ids, att, lm)
+    assert abs(got.item() - ref.item()) <= LOSS_TOL
+    _grad_close(torch.autograd.grad(got, params), torch.autograd.grad(ref, params))
+
+
+def test_lm_loss_trains_like_plain(models, tiny):
+    """Three steps with the fused optimiser track three plain-loss steps with the default AdamW."""
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    a, b = copy.deepcopy(models["lora"]), copy.deepcopy(models["lora"])
+    pa = [p for p in a.parameters() if p.requires_grad]
+    pb = [p for p in b.parameters() if p.requires_grad]
+    oa, ob = torch.optim.AdamW(pa, lr=1e-3), make_optimizer(pb, lr=1e-3)
+    first = None
+    for _ in range(3):
+        la = a(input_ids=ids, attention_mask=att, labels=ids.masked_fill(att == 0, -100)).loss
+        lb = lm_loss(b, ids, att, att.bool())
+        first = first or la.item()
+        assert abs(la.item() - lb.item()) <= 1e-4  # Adam's sign-like steps amplify rounding a little
+        for loss, opt in ((la, oa), (lb, ob)):
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert lb.item() < first  # and it does learn
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "two-adapters"])
+def test_greedy_decode_matches_generate(models, tiny, kind, monkeypatch):
+    m = models[kind]
+    mx = [5, 0, 3, 7, 1, 6, 4, 2]
+    ref = greedy_decode(m, tiny.tokenizer, PROMPTS, mx, batch_size=3, fast=False)  # model.generate, left-padded
+    for merge in (False, True):  # LoRA applied as is / folded into a per-call weight copy
+        monkeypatch.setattr(D, "MERGE_MIN_TOKENS", 0 if merge else 10 ** 9)
+        got = greedy_decode(m, tiny.tokenizer, PROMPTS, mx, batch_size=3)
+        assert got == ref
+    assert [len(x) for x in got] == mx  # random model: no EOS
+    assert len({tuple(x) for x in got if x}) > 3  # the outputs differ between prompts
+
+
+def test_greedy_stops_at_eos(models, tiny):
+    """With EOS set to a token the model emits, rows stop there, as model.generate's do."""
+    m, tok = models["lora"], tiny.tokenizer
+    free = greedy_decode(m, tok, PROMPTS, [6] * len(PROMPTS), fast=False)
+    eos = free[0][2]
+    seqs = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    with torch.no_grad():
+        got = D._greedy(llama.plan(m), seqs, [6] * len(PROMPTS), eos)
+    want = [x[: x.index(eos)] if eos in x else x for x in free]
+    assert got == want and len(got[0]) < 6
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "two-adapters"])
+def test_answer_logprobs_match_full_logits(models, tiny, kind, monkeypatch):
+    m, tok = models[kind], tiny.tokenizer
+    ref = answer_logprobs(m, tok, PROMPTS, ANSWERS, batch_size=3, fast=False)  # padded batch, full logits
+    ref_ids = greedy_decode(m, tok, PROMPTS, [4] * len(PROMPTS), batch_size=5, fast=False)
+    for merge in (False, True):
+        monkeypatch.setattr(D, "MERGE_MIN_TOKENS", 0 if merge else 10 ** 9)
+        got = answer_logprobs(m, tok, PROMPTS, ANSWERS, batch_size=3)
+        assert max(abs(a - b) for a, b in zip(got, ref)) <= LP_TOL
+        ids, lps = decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5)
+        assert max(abs(a - b) for a, b in zip(lps, ref)) <= LP_TOL
+        assert ids == ref_ids
+
+
+def test_answer_split_where_tokenisation_diverges(tiny):
+    """'The answer is ' ends in a space token that the answer absorbs: the prompt part is shorter
+    than the prompt's own tokens, and the shared-prefill path must still score it right."""
+    tok = tiny.tokenizer
+    pre, ans = D.answer_token_ids(tok, "The answer is ", "Paris")
+    assert len(pre) < len(tok("The answer is ", add_special_tokens=False).input_ids) and ans
+
+
+def test_unsupported_adapters_fall_back(models, tiny):
+    dora = _lora(models["plain"], use_dora=True)
+    assert llama.plan(dora) is None
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    ref = dora(input_ids=ids, attention_mask=att, labels=ids.masked_fill(att == 0, -100)).loss
+    assert abs(lm_loss(dora, ids, att, att.bool()).item() - ref.item()) <= LOSS_TOL
+    assert greedy_decode(dora, tiny.tokenizer, PROMPTS[:3], [3, 3, 3]) == \
+        greedy_decode(dora, tiny.tokenizer, PROMPTS[:3], [3, 3, 3], fast=False)
+
+
+def test_disabled_adapter_is_the_base(models, tiny):
+    m, tok = models["lora"], tiny.tokenizer
+    with m.disable_adapter():
+        got = answer_logprobs(m, tok, PROMPTS, ANSWERS)
+    ref = answer_logprobs(models["plain"], tok, PROMPTS, ANSWERS, fast=False)
+    assert max(abs(a - b) for a, b in zip(got, ref)) <= LP_TOL
+
+
+def test_pack_keeps_sequences_apart():
+    pk = llama.pack([[1, 2, 3], [4], [5, 6]], "cpu")
+    assert pk.ids.shape == (2, 3)  # [1,2,3] and [5,6,4]
+    flat = pk.ids.flatten().tolist()
+    assert [flat[pk.starts[k]:pk.starts[k] + n] for k, n in enumerate(pk.lengths)] == [[1, 2, 3], [4], [5, 6]]
+    m = pk.mask[1, 0]  # row 2: seq [5,6] at slots 0-1, [4] at slot 2
+    assert m.tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+
+
+def test_shared_prefix_prefilled_once(models, tiny, monkeypatch):
+    """Chat-format prompts share a system prefix: computed once, same tokens and log-probs."""
+    m, tok = models["lora"], tiny.tokenizer
+    sys_p = "You are a helpful assistant. Answer with a short fact.\nQuestion: "
+    prompts = [sys_p + p for p in PROMPTS]
+    calls = []
+    real = D.llama.hidden
+    monkeypatch.setattr(D.llama, "hidden", lambda *a, **k: calls.append(a[1].ids.shape) or real(*a, **k))
+    ids, lps = decode_and_logprobs(m, tok, prompts, ANSWERS, [4] * len(prompts))
+    assert calls[0][0] == 1 and calls[0][1] >= D.SHARED_PREFIX_MIN  # the prefix, alone
+    monkeypatch.setattr(D, "SHARED_PREFIX_MIN", 10 ** 9)
+    assert ids == greedy_decode(m, tok, prompts, [4] * len(prompts), fast=False)
+    ref = answer_logprobs(m, tok, prompts, ANSWERS, fast=False)
+    assert max(abs(a - b) for a, b in zip(lps, ref)) <= LP_TOL
+
+
+def test_static_step_matches_dynamic(models, tiny):
+    """The fixed-shape step that CUDA graphs capture attends like the dynamic one."""
+    m, tok = models["lora"], tiny.tokenizer
+    p = llama.plan(m)
+    seqs = [tok(x, add_special_tokens=False).input_ids for x in PROMPTS[:4]]
+    outs = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = D.Cache(p, 4, max(map(len, seqs)) + 3)
+            D.prefill(p, seqs, cache)
+            n = torch.tensor([len(s) for s in seqs])
+            toks = torch.tensor([[5], [6], [7], [8]])
+            outs.append(D.extend(p, cache, toks, n, torch.ones_like(toks, dtype=torch.bool), True, static=static))
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+
+
+def test_answer_as_greedy_draft(models, tiny, monkeypatch):
+    """When greedy reproduces the answer (a model that learned the fact), decode_and_logprobs takes
+    the answer tokens confirmed by the log-prob pass instead of decoding them one by one; the tokens
+    must be exactly greedy's, whether the draft is accepted in full, in part or not at all."""
+    m, tok = models["lora"], tiny.tokenizer
+    prompts = [p + " " for p in PROMPTS[:4]] + PROMPTS[4:]
+    free = greedy_decode(m, tok, prompts, [5] * len(prompts), fast=False)
+    # answers: greedy's own first tokens (accepted), a wrong tail (partly), or unrelated text
+    answers = [tok.decode(f[:3]) if k % 3 == 0 else tok.decode(f[:1]) + " zebra" if k % 3 == 1 else "zebra"
+               for k, f in enumerate(free)]
+    seen = []
+    real = D._answer_lp
+    monkeypatch.setattr(D, "_answer_lp", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    mx = [5, 2, 6, 1, 4, 5, 3, 5]
+    ids, lps = decode_and_logprobs(m, tok, prompts, answers, mx, batch_size=5)
+    assert any(len(t) > 1 for conf in seen for t in conf.values())  # some drafts were accepted
+    assert ids == greedy_decode(m, tok, prompts, mx, fast=False)
+    ref = answer_logprobs(m, tok, prompts, answers, fast=False)
+    assert max(abs(a - b) for a, b in zip(lps, ref)) <= LP_TOL

@@ -1,0 +1,37 @@
+"""`c2w perf` runs end to end on a tiny shape and returns the JSON shape (speed is not asserted)."""
+
+import argparse
+import json
+
+import torch
+
+from c2w.perf import add_perf_parser, format_table, run_perf
+
+
+def test_run_perf_tiny_shape(tiny):
+    n = torch.get_num_threads()
+    res = run_perf(shape="tiny", batch=2, seq=12, repeats=1, scoring_prompts=3, decode_tokens=2,
+                   decode_batches=(1, 2), threads=1, tokenizer=tiny.tokenizer)
+    assert torch.get_num_threads() == n  # restored
+    for w in ("write", "write_var", "scoring", "scoring_chat", "decode"):
+        r = res[w]
+        assert r["plain"] > 0 and r["c2w"] > 0 and r["ratio"] > 0
+        for tag in ([None] if w != "decode" else ["1", "2"]):
+            d = (r if tag is None else r["by_batch"][tag])["detail"]
+            for path in ("plain", "c2w"):
+                assert d[path]["tokens_per_s"] > 0 and d[path]["ms_per_step"] > 0 and d[path]["mfu"] > 0
+                assert d[path]["peak_mem_mb"] >= 0
+    assert res["write"]["loss_abs_diff"] <= 1e-5
+    assert res["scoring"]["logprob_max_abs_diff"] <= 1e-4 and res["scoring"]["greedy_rows_identical"] == 1.0
+    json.dumps(res)
+    assert "c2w/plain" in format_table(res)
+
+
+def test_perf_parser_flags():
+    ap = argparse.ArgumentParser()
+    add_perf_parser(ap.add_subparsers(dest="command"))
+    ns = ap.parse_args(["perf", "--device", "cpu", "--json", "--batch", "4", "--seq", "32", "--repeats", "2",
+                        "--real-weights", "--compile"])
+    assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile) == \
+        ("cpu", True, 4, 32, 2, True, True)
+    assert callable(ns.func)
