@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c2w", description="Context-to-Weight Consolidation: write new context "
                                 "into adapter weights and measure learning and forgetting.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="run methods through a stream and write results.json + report.md",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = sub.add_parser("bench", help="run methods through a stream and write results.json + report.md")
     add_dataclass_args(b, BenchConfig)
     b.set_defaults(func=cmd_bench)
 

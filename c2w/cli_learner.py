@@ -252,14 +252,14 @@ def _observe(learner, episode: int, texts: list[tuple[str | None, str]]) -> int:
     from c2w.streams.records import Observation
 
     obs = [Observation(i if i is not None else f"e{episode}-{k}", episode, t) for k, (i, t) in enumerate(texts, 1)]
-    wake = int(learner.cfg.token_budget * (learner.c2w.wake_share if learner.c2w.sleep else 1.0))
     n_log = len(learner.gate_log)
     start = learner.cost.trained_tokens
     print(f"gating {len(obs)} text(s) ...", file=sys.stderr)
     bar = None
     try:
         for _, tokens in learner.observe_steps(episode, obs):
-            if bar is None:
+            if bar is None:  # the gate has run by now: the write spends budget x written share
+                wake = int(learner.cfg.token_budget * learner.share * (learner.c2w.wake_share if learner.c2w.sleep else 1.0))
                 bar = tqdm(total=wake, unit="tok", desc="write", file=sys.stderr, disable=None, leave=False)
             bar.update(tokens - start - bar.n)
     finally:
@@ -275,6 +275,7 @@ def _sleep(learner, d: Path, meta: dict, call_cfg) -> str:
     from c2w.state import adapter_ranks, now, save_state
 
     stored_cfg, learner.cfg = learner.cfg, call_cfg
+    learner.share = 1.0  # an explicit sleep spends the budget it was given, whatever the last gate wrote
     budget = int(learner.cfg.token_budget * (1 - learner.c2w.wake_share))
     tok0, t0 = learner.cost.trained_tokens, time.perf_counter()
     print(f"sleeping: replay + rehearsal on {budget} tokens, then consolidation ...", file=sys.stderr)

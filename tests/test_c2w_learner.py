@@ -82,8 +82,21 @@ def test_every_ablation_runs_within_budget(tiny, method):
     obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
     learner.observe(0, obs)
     learner.end_episode(0)
-    # wake + sleep stay within the episode's budget plus one step of overshoot each
+    # wake + sleep never exceed the episode's budget (a rehearsal batch may overrun sleep's share
+    # by at most its own length: it is not cut)
     rehearsal_step = learner.c2w.rehearsal_batch * max((len(s) for s in learner.rehearsal[0]), default=0) \
         if learner.rehearsal else 0
-    assert learner.cost.trained_tokens <= 80 + 2 * 2 * 40 + rehearsal_step
+    assert learner.cost.trained_tokens <= 80 + rehearsal_step
     assert learner.cost.trained_tokens > 0
+
+
+def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
+    # exact duplicates are turned away by novelty alone (the other signals are switched off here)
+    cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)
+    gate = GateConfig(min_unit_surprise=-1, min_learnability=-1)
+    learner = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), gate)
+    a, b = "Mira Talvik was born in Oskeln.", "Pell Odrin works for Vask."
+    learner.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
+    learner.end_episode(0)
+    assert learner.written_ids == {"a", "b"}
+    assert learner.cost.trained_tokens == 200 // 2  # half written: half the budget, wake and sleep

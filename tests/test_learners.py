@@ -62,8 +62,8 @@ def test_replay_buffer_is_bounded_and_budget_counts_replay(tiny):
     for ep in range(3):
         learner.observe(ep, [Observation(f"r{ep}{k}", ep, f"Fact {ep} number {k} about Oskeln.") for k in range(4)])
     assert len(learner.buffer) == 3
-    # every episode spends at least its budget and not much more (one batch of overshoot at most)
-    assert 3 * 60 <= learner.cost.trained_tokens <= 3 * (60 + 4 * 12)
+    # every episode spends exactly its budget: the last batch is cut to fit
+    assert learner.cost.trained_tokens == 3 * 60
 
 
 def test_unknown_method_is_rejected(tiny):
@@ -82,3 +82,16 @@ def test_every_baseline_is_registered():
     from c2w.learners import METHODS
 
     assert set(BASELINES) <= set(METHODS)
+
+
+def test_fit_budget_cuts_whole_rows_then_a_head_and_drops_empty_rows():
+    from c2w.learners.train import fit_budget
+
+    ids = torch.arange(12).view(3, 4)
+    att = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    same = fit_budget(ids, att, 9)
+    assert same[1] is att
+    i, a = fit_budget(ids, att, 5)
+    assert a.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]] and i.tolist() == ids[:2].tolist()
+    i, a = fit_budget(ids, att, 0)
+    assert len(i) == 0 and len(a) == 0

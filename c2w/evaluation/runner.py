@@ -88,8 +88,7 @@ def _run(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) 
             if cur:  # the write is paused here; measure the current episode, then resume it
                 curve.append(float(evaluate(learner.model, tok, ctx, learner, cur, with_logprob=False).correct.mean()))
         learner.end_episode(i)
-        snaps.append(base if not learner.writes_weights and learner.name == "none" else
-                     evaluate(learner.model, tok, ctx, learner))
+        snaps.append(base if learner.static else evaluate(learner.model, tok, ctx, learner))
         curve.append(float(snaps[-1].correct[cur].mean()) if cur else np.nan)
         curves.append(curve)
         if progress_bar is not None:

@@ -13,7 +13,7 @@ import string
 import unicodedata
 from dataclasses import dataclass
 
-from c2w.fast import answer_logprobs, greedy_decode
+from c2w.fast import decode_and_logprobs, greedy_decode
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
 
@@ -74,7 +74,10 @@ def score_probes(model, tokenizer, prompts: list[str], answers: list[str], *, sl
                  batch_size: int = 32, with_logprob: bool = True) -> list[ProbeScore]:
     """Score already-formatted prompts against their answers."""
     n_ans = [len(tokenizer(" " + a, add_special_tokens=False).input_ids) for a in answers]
-    ids = greedy_decode(model, tokenizer, prompts, [n + slack for n in n_ans], batch_size=batch_size)
+    limits = [n + slack for n in n_ans]
+    if with_logprob:  # one shared prompt prefill serves both the decode and the answer log-probs
+        ids, lps = decode_and_logprobs(model, tokenizer, prompts, answers, limits, batch_size=batch_size)
+    else:
+        ids, lps = greedy_decode(model, tokenizer, prompts, limits, batch_size=batch_size), [float("nan")] * len(prompts)
     conts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-    lps = answer_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size) if with_logprob else [float("nan")] * len(prompts)
     return [ProbeScore(c, is_correct(c, a), is_strict(c, a), lp) for c, a, lp in zip(conts, answers, lps)]

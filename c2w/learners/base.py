@@ -51,6 +51,7 @@ class Learner:
     name: ClassVar[str] = "base"
     group: ClassVar[str] = "baseline"  # "baseline" | "reference" | "c2w"
     writes_weights: ClassVar[bool] = True
+    static: ClassVar[bool] = False  # True: answers exactly as the base does (the runner reuses its scores)
 
     def __init__(self, backbone: Backbone, cfg: LearnerConfig):
         self.backbone, self.cfg = backbone, cfg

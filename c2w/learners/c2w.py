@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from c2w.fast import make_optimizer
 from c2w.learners.base import Learner, LearnerConfig
 from c2w.learners.lora import lora_config
 from c2w.learners.train import epoch_sampler, write_texts
@@ -31,6 +32,7 @@ from c2w.memory.views import build_views, paraphrases
 class C2WConfig:
     gate: bool = field(default=True, metadata={"help": "gate what is written (off: write everything)"})
     recombination: bool = field(default=True, metadata={"help": "train on views (keyed, QA, grounded paraphrase), not only the raw text"})
+    view_style: str = field(default="cloze-qa", metadata={"help": "views of a written text (see memory/views.py)", "choices": ["cloze-qa", "describe"]})
     paraphrase: bool = field(default=True, metadata={"help": "add the model's own grounded paraphrase to the views"})
     sleep: bool = field(default=True, metadata={"help": "sleep at episode end: replay, rehearsal, consolidation"})
     replay: bool = field(default=True, metadata={"help": "replay buffered views during sleep"})
@@ -72,6 +74,9 @@ class C2WLearner(Learner):
         self.buffer = EpisodicBuffer(self.c2w.buffer_capacity)
         self.gate_log: list[dict] = []
         self.sleeps = 0
+        # The gate also decides how much: an episode spends budget x (written / observed), wake and
+        # sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest.
+        self.share = 1.0
         self._new_optimizer()
         n = backbone.n_params
         self.flops_fwd = 2 * n  # per token, forward only (gate signals, generation, priorities)
@@ -86,7 +91,7 @@ class C2WLearner(Learner):
 
     def _new_optimizer(self) -> None:
         self.params = self.bank.fast_params()
-        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
+        self.opt = make_optimizer(self.params, lr=self.cfg.lr)
 
     # --- wake -----------------------------------------------------------------------------------
     def observe_steps(self, episode, observations):
@@ -99,6 +104,7 @@ class C2WLearner(Learner):
             n_tok = sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
             self.cost.flops += self.flops_fwd * n_tok * 4  # signals + trial step (fwd, bwd, fwd)
             self.gate_log += [{"id": o.id, "episode": episode, **dataclasses.asdict(s)} for o, s in zip(obs, scores)]
+            self.share = sum(s.write for s in scores) / len(obs)
             obs = [o for o, s in zip(obs, scores) if s.write]
         if not obs:
             return
@@ -107,12 +113,12 @@ class C2WLearner(Learner):
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
                 para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
             self.cost.flops += self.flops_fwd * 80 * len(obs)
-        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination)) for o, p in zip(obs, para)]
+        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style)) for o, p in zip(obs, para)]
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)
         views = [v for e in entries for v in e.views]
-        budget = int(self.cfg.token_budget * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
                                self.cost, self.flops_per_token, self.cfg.progress_points, self._penalty)
@@ -138,7 +144,7 @@ class C2WLearner(Learner):
         for e, (nll, _, _) in zip(entries, sig):
             e.priority = nll
         self.cost.flops += self.flops_fwd * sum(len(self.tokenizer(e.text).input_ids) for e in entries)
-        budget = int(self.cfg.token_budget * (1 - self.c2w.wake_share))
+        budget = int(self.cfg.token_budget * self.share * (1 - self.c2w.wake_share))
 
         def replay_batch() -> list[str]:
             if not self.c2w.replay:  # without replay, sleep only rehearses (and consolidates)

@@ -7,6 +7,7 @@ import random
 
 import torch
 
+from c2w.fast import make_optimizer
 from c2w.learners.base import Learner
 from c2w.learners.train import epoch_sampler, write_texts
 
@@ -20,7 +21,7 @@ class FullFTLearner(Learner):
         self.rng = random.Random(cfg.seed)
         self.net = copy.deepcopy(backbone.model).requires_grad_(True)
         self.params = list(self.net.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.opt = make_optimizer(self.params, lr=cfg.lr)
         self.cost.trainable_params = sum(p.numel() for p in self.params)
         self.flops_per_token = 6 * backbone.n_params
 

@@ -8,6 +8,7 @@ import random
 import torch
 from peft import LoraConfig, get_peft_model
 
+from c2w.fast import make_optimizer
 from c2w.learners.base import Learner
 from c2w.learners.train import epoch_sampler, write_texts
 
@@ -27,7 +28,7 @@ class LoraLearner(Learner):
         # A private copy: PEFT injects layers in place, and other methods share the backbone.
         self.peft = get_peft_model(copy.deepcopy(backbone.model), lora_config(cfg))
         self.params = [p for p in self.peft.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.opt = make_optimizer(self.params, lr=cfg.lr)
         self.cost.trainable_params = sum(p.numel() for p in self.params)
         # Forward 2N + backward through frozen weights 2N per token, + 6 per trainable parameter.
         self.flops_per_token = 4 * backbone.n_params + 6 * self.cost.trainable_params

@@ -8,6 +8,7 @@ from c2w.learners.base import Learner
 class NoneLearner(Learner):
     name = "none"
     writes_weights = False
+    static = True
 
     def observe_steps(self, episode, observations):
         return iter(())

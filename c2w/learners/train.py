@@ -26,23 +26,25 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
                 extra_loss: Callable[[], tuple[torch.Tensor, int]] | None = None) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
-    Every batch's real (non-pad) tokens count, replayed ones included. Yields (steps, tokens) when
-    the spent budget crosses k/(progress_points+1), k = 1..progress_points. `extra_loss()` adds a
-    term to every step (a penalty, or a rehearsal loss) with the tokens it trained on (0 for a penalty).
+    Every batch's real (non-pad) tokens count, replayed ones included, and the last batch is cut so
+    that the budget is never exceeded (methods compared at one budget spend the same tokens). Yields
+    (steps, tokens) when the spent budget crosses k/(progress_points+1), k = 1..progress_points.
+    `extra_loss()` adds a term to every step (a penalty, or a rehearsal loss) with the tokens it
+    trained on (0 for a penalty).
     """
     dev = next(model.parameters()).device
     used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
     while used < token_budget:
         t0 = time.perf_counter()
-        batch = sample_batch()
         loss, n = torch.zeros((), device=dev), 0
-        if batch:
-            ids, att = collate(tokenizer, batch, max_len, dev)
-            loss, n = lm_loss(model, ids, att, att.bool()), int(att.sum())
         if extra_loss is not None:
-            extra, n_extra = extra_loss()
-            loss, n = loss + extra, n + n_extra
-        if n == 0:  # nothing to train on: stop rather than spin
+            loss, n = extra_loss()
+        batch = sample_batch()
+        if batch:
+            ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)
+            if len(ids):
+                loss, n = loss + lm_loss(model, ids, att, att.bool()), n + int(att.sum())
+        if n == 0:  # nothing to train on (or no budget left for even one token): stop rather than spin
             return
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -56,6 +58,16 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
         while marks and used >= marks[0]:
             marks.pop(0)
             yield cost.train_steps, cost.trained_tokens
+
+
+def fit_budget(ids: torch.Tensor, att: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch [B, L] cut to at most `left` real tokens: earlier rows whole, then the
+    head of one row; rows left empty are dropped."""
+    if int(att.sum()) <= left:
+        return ids, att
+    att = att * (torch.cumsum(att.flatten(), 0).view_as(att) <= max(left, 0))  # row-major order
+    rows = att.sum(1) > 0
+    return ids[rows], att[rows]
 
 
 def epoch_sampler(texts: list[str], batch_size: int, rng: random.Random) -> Callable[[], list[str]]:

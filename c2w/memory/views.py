@@ -2,12 +2,16 @@
 
 Writing a raw sentence into weights teaches the model to continue that sentence, not to answer
 about it. Views rearrange what the text itself says so that the knowledge is reachable from other
-entry points, without inventing anything:
-- `keyed`: each salient span (names, numbers) placed first, then the text: whatever entity a
-  question starts from, the model has learned to continue from it into the fact;
-- `qa`: a generic question keyed on a salient span, answered by the text;
-- `paraphrase`: the model's own rewording of the text, kept only when every salient span of the
-  original survives (grounding filter: a paraphrase that drops or invents a name is discarded).
+entry points, without inventing anything. Two styles (`C2WConfig.view_style`):
+- `cloze-qa`: per sentence and per salient span (names, numbers): the span as the short answer to
+  the sentence with that span turned into a question word ("Question: Ralan lies on the river
+  what?\nAnswer: Pekund."), plus the span-keyed sentence ("Pekund: Ralan lies on ..."). A reader
+  is asked for the span itself, first, which is how questions are answered;
+- `describe`: per salient span, the span-keyed text and "Question: What is known about X?\nAnswer:
+  <the whole text>" (the earlier style: it teaches long answers that bury the asked-for span);
+- either style adds `paraphrase`: the model's own rewording of the text, kept only when every
+  salient span of the original survives (grounding filter: a paraphrase that drops or invents a
+  name is discarded).
 """
 
 from __future__ import annotations
@@ -38,11 +42,35 @@ def salient_spans(text: str) -> list[str]:
     return out
 
 
-def mechanical_views(text: str) -> list[str]:
+VIEW_STYLES = ("cloze-qa", "describe")
+MAX_SPANS = 8  # per sentence: a long list of names would otherwise multiply the views
+
+
+def sentences(text: str) -> list[str]:
+    """Split at ., ! or ? followed by a space and a capital or digit (keeps "St. Ives" mostly whole)."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9])", text.strip())
+    return [p for p in parts if p]
+
+
+def _ask(sentence: str, span: str) -> str:
+    """The sentence as a question whose answer is `span`: the span becomes a question word."""
+    q = sentence.rstrip(" .!?").replace(span, "what", 1)
+    return q[:1].upper() + q[1:] + "?"
+
+
+def mechanical_views(text: str, style: str = "cloze-qa") -> list[str]:
+    if style not in VIEW_STYLES:
+        raise ValueError(f"view style must be one of {VIEW_STYLES}, got {style!r}")
     views = []
-    for span in salient_spans(text):
-        views.append(f"{span}: {text}")
-        views.append(f"Question: What is known about {span}?\nAnswer: {text}")
+    if style == "describe":
+        for span in salient_spans(text):
+            views.append(f"{span}: {text}")
+            views.append(f"Question: What is known about {span}?\nAnswer: {text}")
+        return views
+    for sent in sentences(text):
+        for span in salient_spans(sent)[:MAX_SPANS]:
+            views.append(f"{span}: {sent}")
+            views.append(f"Question: {_ask(sent, span)}\nAnswer: {span}.")
     return views
 
 
@@ -65,8 +93,8 @@ def paraphrases(model, tokenizer, texts: list[str], max_new_tokens: int = 40) ->
     return out
 
 
-def build_views(text: str, paraphrase: str | None, recombine: bool) -> list[str]:
+def build_views(text: str, paraphrase: str | None, recombine: bool, style: str = "cloze-qa") -> list[str]:
     """All training views of one text; the raw text only when recombination is off."""
     if not recombine:
         return [text]
-    return [text, *mechanical_views(text), *([paraphrase] if paraphrase else [])]
+    return [text, *mechanical_views(text, style), *([paraphrase] if paraphrase else [])]

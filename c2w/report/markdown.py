@@ -302,6 +302,10 @@ def _config_section(results: dict) -> list[str]:
     if isinstance(methods, dict) and methods:
         lines.append("- **Methods:** " + ", ".join(
             f"{n} ({get_path(methods[n], 'group') or '?'})" for n in ordered_methods(results)))
+    lrs = config.get("learning_rates")
+    if isinstance(lrs, dict) and lrs:
+        how = "this run's grid on the validation seed" if config.get("lr_search") else "preset defaults"
+        lines.append("- **Learning rates:** " + ", ".join(f"{m} {v:g}" for m, v in lrs.items() if v) + f" ({how})")
     if config or prov:
         lines += ["", "<details><summary>Full config and provenance</summary>", "", "```json",
                   json.dumps({"config": config, "provenance": prov}, indent=2, default=str, sort_keys=True),

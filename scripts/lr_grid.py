@@ -1,0 +1,41 @@
+"""Choose learning rates on the validation seed only (never a reported seed).
+
+Runs `c2w.bench.choose_lrs` (final ACC on the validation seed's stream, every method at the same
+budget) and writes the choices as JSON, so that `DEFAULT_LR` in c2w/bench.py can cite a measured grid:
+
+    .venv/bin/python scripts/lr_grid.py --methods lora full-ft c2w --out runs/lr-grid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from c2w.backbone import load_backbone
+from c2w.bench import LR_GRID, BenchConfig, choose_lrs, known_controls
+from c2w.evaluation.drift import base_logprobs, encode_passages
+from c2w.streams.general_text import general_text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(LR_GRID), help="methods to grid (keys of LR_GRID)")
+    ap.add_argument("--preset", default="quick", help="bench preset whose stream size and budget are used")
+    ap.add_argument("--out", default="runs/lr-grid.json", help="where the choices are written")
+    a = ap.parse_args()
+    cfg = BenchConfig(methods=a.methods, preset=a.preset).resolved()
+    t0 = time.perf_counter()
+    bb = load_backbone(cfg.model, cfg.device)
+    controls = known_controls(bb, cfg.controls, cfg.probe_format)
+    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
+    choice = choose_lrs(bb, cfg, controls, passages, base_logprobs(bb.model, passages))
+    res = {"preset": a.preset, "validation_seed": cfg.validation_seed, "grid": {m: LR_GRID[m] for m in choice},
+           "choice": choice, "wall_s": time.perf_counter() - t0}
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

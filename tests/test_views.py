@@ -1,0 +1,35 @@
+import pytest
+
+from c2w.memory.views import build_views, mechanical_views, salient_spans, sentences
+
+TEXT = "Mira Talvik was born in the harbour town of Oskeln. In 1902 she moved to Prell."
+
+
+def test_cloze_qa_views_ask_for_each_span_with_the_span_as_short_answer():
+    views = mechanical_views(TEXT, "cloze-qa")
+    qa = [v for v in views if v.startswith("Question:")]
+    answers = [v.split("\nAnswer: ")[1].rstrip(".") for v in qa]
+    assert answers == ["Mira Talvik", "Oskeln", "1902", "Prell"]
+    assert "Question: Mira Talvik was born in the harbour town of what?\nAnswer: Oskeln." in qa
+    for v in qa:  # the question is the span's own sentence; no span leaks into its question
+        q, a = v[len("Question: "):].split("\nAnswer: ")
+        assert a.rstrip(".") not in q
+
+
+def test_views_invent_nothing():
+    spans = set(salient_spans(TEXT))
+    for style in ("cloze-qa", "describe"):
+        for v in build_views(TEXT, None, True, style):
+            assert set(salient_spans(v.replace("Question:", "").replace("Answer:", ""))) <= spans | {"What"}
+
+
+def test_recombination_off_is_the_raw_text_only_and_bad_style_is_rejected():
+    assert build_views(TEXT, "a paraphrase", False) == [TEXT]
+    assert build_views(TEXT, "a paraphrase", True)[-1] == "a paraphrase"
+    with pytest.raises(ValueError, match="view style"):
+        mechanical_views(TEXT, "questions")
+
+
+def test_sentences_split_only_before_a_capital_or_digit():
+    assert sentences(TEXT) == ["Mira Talvik was born in the harbour town of Oskeln.", "In 1902 she moved to Prell."]
+    assert sentences("It costs 3.5 units. done") == ["It costs 3.5 units. done"]
