@@ -52,6 +52,21 @@ def cmd_stream_generate(ns) -> int:
     return 0
 
 
+def cmd_report(ns) -> int:
+    import json
+    from pathlib import Path
+
+    from c2w.report import write_report
+    from c2w.report.merge import load_results, merge_results
+
+    results = merge_results([load_results(p) for p in ns.runs], list(ns.runs))
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {write_report(results, out)} ({len(results['methods'])} methods from {len(ns.runs)} run(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from c2w.bench import BenchConfig
     from c2w.streams.fictional import FictionalConfig
@@ -71,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("output")
     add_dataclass_args(g, FictionalConfig)
     g.set_defaults(func=cmd_stream_generate)
+    r = sub.add_parser("report", help="(re)write report.md and plots from one or more bench runs over the same streams")
+    r.add_argument("runs", nargs="+", help="bench output folders (or results.json files)")
+    r.add_argument("--out", required=True, help="folder for the merged results.json, report.md and plots")
+    r.set_defaults(func=cmd_report)
     from c2w.cli_learner import add_learner_parsers
     from c2w.perf import add_perf_parser
 
@@ -90,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         from c2w.backbone import BackboneError
         from c2w.streams.validate import StreamError
 
-        if isinstance(e, (StreamError, BackboneError, FileNotFoundError)):
+        from c2w.report.merge import MergeError
+
+        if isinstance(e, (StreamError, BackboneError, FileNotFoundError, MergeError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

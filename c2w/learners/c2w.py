@@ -3,7 +3,8 @@ slow memory, with an orthogonality constraint against interference. Each part ca
 (the `c2w-no-*` ablations); every part's compute is paid from the same per-episode token budget.
 
 wake (observe):  gate the episode's texts -> build views of those written -> store them in the
-                 episodic buffer -> train the fast adapter on the views (wake_share of the budget)
+                 episodic buffer -> train the fast adapter on the views (wake_share of the budget;
+                 the episode's budget is scaled by the share of texts the gate wrote)
 sleep (end):     refresh replay priorities -> train fast on prioritised replay of buffered views
                  + KL to the base on self-generated rehearsal text (the rest of the budget)
                  -> merge fast into slow (PEFT `cat`: exact) -> fresh fast adapter

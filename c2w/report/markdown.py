@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from c2w.report.aggregate import agg_array, agg_mean, agg_n, agg_std, get_path
+from c2w.report.targets import targets_markdown
 
 __all__ = ["render_markdown", "ordered_methods", "method_label", "DEFAULT_IMAGES", "fmt_cell"]
 
@@ -331,6 +332,7 @@ def render_markdown(results: dict, images: Sequence[str | Path] | None = None,
     if not methods:
         out += ["_No methods in results._", ""]
 
+    out += targets_markdown(methods)
     for gname, columns in GROUPS:
         out += [f"## {gname}", "", _group_table(results, columns), ""]
         if gname == "Continual learning":

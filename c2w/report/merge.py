@@ -1,0 +1,49 @@
+"""Merge the results.json of several `c2w bench` runs over the same streams into one report.
+
+Runs are comparable only when they saw the same streams: the same stream source and generator
+settings, the same reported seeds, the same budget, controls and probe format. Anything else is
+refused with the differing keys named (comparing methods across different streams would be wrong).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# config keys that must agree for methods from different runs to share one table
+SAME = ("stream", "model", "probe_format", "episodes", "facts_per_episode", "update_fraction", "stress",
+        "controls", "general_texts", "token_budget", "progress_points", "seeds_reported", "stream_meta")
+
+
+class MergeError(ValueError):
+    pass
+
+
+def load_results(path: str | Path) -> dict:
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(f"no results.json at {p}")
+    return json.loads(p.read_text())
+
+
+def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
+    """One results dict: the first run's config and provenance, every run's methods (a method
+    present in several runs keeps its first occurrence), and the sources under config.merged_from."""
+    if not runs:
+        raise MergeError("nothing to merge")
+    names = names or [f"run{k}" for k in range(len(runs))]
+    first = runs[0].get("config", {})
+    for name, r in zip(names[1:], runs[1:]):
+        diff = [k for k in SAME if r.get("config", {}).get(k) != first.get(k)]
+        if diff:
+            raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
+    methods: dict = {}
+    lrs: dict = {}
+    for r in runs:
+        for m, v in r.get("methods", {}).items():
+            methods.setdefault(m, v)
+        for m, v in (r.get("config", {}).get("learning_rates") or {}).items():
+            lrs.setdefault(m, v)
+    config = {**first, "methods": list(methods), "learning_rates": lrs, "merged_from": names}
+    return {"config": config, "provenance": runs[0].get("provenance", {}), "methods": methods}

@@ -1,0 +1,55 @@
+from c2w.report.targets import target_rows, targets_markdown
+
+
+def _m(**kw):
+    out = {}
+    for k, v in kw.items():
+        node = out
+        *head, last = k.split("__")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = {"mean": v, "std": 0.0, "per_seed": [v]}
+    return out
+
+
+def test_targets_compare_c2w_with_lora_and_mark_misses():
+    methods = {"lora": _m(forgetting=0.4, bwt=-0.4, learning_accuracy=0.5, locality__kl=1.0),
+               "c2w": _m(forgetting=0.1, bwt=-0.3, learning_accuracy=0.4, locality__kl=0.5, locality__control_rel=0.99)}
+    rows = {r[0]: r for r in target_rows(methods)}
+    assert rows["forgetting vs lora"][3:] == ("0.250", "<= 0.5x", "yes")
+    assert rows["-BWT vs lora"][3:] == ("0.750", "<= 0.5x", "**no**")
+    assert rows["learning accuracy vs lora"][3:] == ("0.800", ">= 0.9x", "**no**")
+    assert rows["control accuracy / base"][-1] == "yes"
+    assert "stale answers persisting (diff)" not in rows  # not measured: no row, nothing inferred
+
+
+def test_gate_targets_need_a_stress_stream_and_no_targets_without_c2w():
+    c2w = _m(acc=0.30, gate__written_noise=0.0, gate__written_known=0.5, cost__flops=50.0)
+    rows = {r[0]: r for r in target_rows({"c2w": c2w, "c2w-no-gate": _m(acc=0.31, cost__flops=100.0)})}
+    assert rows["noise records written"][-1] == "yes" and rows["known records written"][-1] == "**no**"
+    assert rows["final ACC vs no-gate (points)"][3] == "-1.000" and rows["write compute (FLOPs) vs no-gate"][3] == "0.500"
+    assert targets_markdown({"lora": _m(acc=0.1)}) == []
+
+
+def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path):
+    import json
+
+    import pytest
+
+    from c2w import cli
+    from c2w.report.merge import MergeError, merge_results
+
+    cfg = {"stream": "fictional", "seeds_reported": [0, 1], "token_budget": 100, "learning_rates": {"lora": 0.003}}
+    a = {"config": cfg, "provenance": {"wall_s": 1.0}, "methods": {"lora": _m(acc=0.2), "c2w": _m(acc=0.3)}}
+    b = {"config": {**cfg, "learning_rates": {"c2w-no-gate": 0.003}}, "methods": {"c2w-no-gate": _m(acc=0.25)}}
+    merged = merge_results([a, b], ["a", "b"])
+    assert list(merged["methods"]) == ["lora", "c2w", "c2w-no-gate"]
+    assert merged["config"]["learning_rates"] == {"lora": 0.003, "c2w-no-gate": 0.003}
+    with pytest.raises(MergeError, match="differs in token_budget, seeds_reported"):
+        merge_results([a, {**b, "config": {**cfg, "token_budget": 50, "seeds_reported": [0]}}], ["a", "c"])
+    for name, r in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    assert "c2w-no-gate" in (tmp_path / "m" / "report.md").read_text()
+    assert cli.main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2
