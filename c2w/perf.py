@@ -30,11 +30,12 @@ import json
 import os
 import random
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
+
+from c2w.evaluation.memory import PeakMemory
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3)
@@ -56,11 +57,6 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -68,38 +64,17 @@ def _trim() -> None:
         pass
 
 
-class PeakMem:
-    """Peak memory growth over a block: CUDA allocator peak, or sampled RSS on CPU (Linux)."""
+class PeakMem(PeakMemory):
+    """PeakMemory sampled every 2 ms, after malloc_trim hands an earlier workload's freed heap back
+    to the OS (else the start RSS would hide this block's growth)."""
 
     def __init__(self, dev: torch.device):
-        self.dev, self.peak = dev, 0
+        super().__init__(dev, interval=0.002)
 
     def __enter__(self):
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-            self.base = torch.cuda.memory_allocated(self.dev)
-        elif os.path.exists("/proc/self/statm"):
+        if self.device.type != "cuda":
             _trim()
-            self.base = self.top = _rss()
-            self.stop = threading.Event()
-            self.th = threading.Thread(target=self._sample, daemon=True)
-            self.th.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.002):
-            self.top = max(self.top, _rss())
-
-    def __exit__(self, *exc):
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.base
-        elif hasattr(self, "th"):
-            self.stop.set()
-            self.th.join()
-            self.peak = max(self.top, _rss()) - self.base
-        return False
+        return super().__enter__()
 
 
 def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None, rounds: int = 3) -> float:
@@ -138,7 +113,7 @@ def _compare(dev, sides: list[Side], repeats: int, probe) -> dict:
         with PeakMem(dev) as pm:
             s.fn()
             _sync(dev)
-        s.peak = pm.peak
+        s.peak = pm.peak_bytes
     rates = []
     for _ in range(repeats):
         rates.append(probe())

@@ -18,6 +18,7 @@ import torch
 from c2w import cli
 from c2w.cli_learner import InputError, read_texts
 from c2w.state import current_version, load_state
+from treeutil import tree
 
 REPO = Path(__file__).resolve().parents[1]
 # Gate and paraphrase off: on a random-init model the gate rejects everything and paraphrases are noise.
@@ -29,15 +30,6 @@ FACTS = ["Mira Talvik was born in the harbour town of Oskeln.", "The river Quell
 def write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
-
-
-def tree(d):
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, d)] = open(p, "rb").read()
-    return out
 
 
 def stdin(monkeypatch, text):

@@ -1,7 +1,6 @@
 """The state directory: a complete round trip, plain-PEFT loading, and crash safety of every save step."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from c2w.memory.gate import GateConfig
 from c2w.memory.rehearsal import teacher_logprobs
 from c2w.state import StateError, load_state, save_state
 from c2w.streams.records import Observation
+from treeutil import tree
 
 TEXTS = ["Mira Talvik was born in the harbour town of Oskeln.", "The river Quell flows through Dastmoor in 1822."]
 PROMPT = "Mira Talvik was born in"
@@ -48,16 +48,6 @@ def trained(tiny):
     learner.gate_log = [{"id": "a", "episode": 0, "learnability": float("nan"), "unit_surprise": float("inf"),
                          "write": False, "reason": "known"}]
     return learner
-
-
-def tree(d):
-    """{relative path: bytes} of every file under d."""
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, d)] = open(p, "rb").read()
-    return out
 
 
 def test_round_trip_restores_everything(tiny, trained, tmp_path):

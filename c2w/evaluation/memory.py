@@ -20,11 +20,15 @@ def rss_bytes() -> int:
 
 
 class PeakMemory:
+    """`with PeakMemory(dev) as m: ...` then m.peak_bytes / m.peak_mb: the rise over the start."""
+
     def __init__(self, device: torch.device, interval: float = 0.05):
-        self.device, self.interval, self.peak_mb = device, interval, float("nan")
+        self.device, self.interval = device, interval
+        self.peak_bytes, self.peak_mb = 0, float("nan")
 
     def __enter__(self):
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
@@ -40,8 +44,10 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
         else:
             self.stop.set()
             self.thread.join()
-            self.peak_mb = (max(self.peak, rss_bytes()) - self.start) / 2**20
+            self.peak_bytes = max(self.peak, rss_bytes()) - self.start
+        self.peak_mb = self.peak_bytes / 2**20
