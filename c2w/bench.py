@@ -100,6 +100,15 @@ def known_controls(bb: Backbone, n: int, probe_format: str) -> list[Record]:
     return [r for r in cands if r.id in ok][:n]
 
 
+def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
+    """What every run over a resolved config shares: the backbone, the control facts it knows,
+    the held-out passages and the base's log-probs on them."""
+    bb = load_backbone(cfg.model, cfg.device)
+    controls = known_controls(bb, cfg.controls, cfg.probe_format)
+    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
+    return bb, controls, passages, base_logprobs(bb.model, passages)
+
+
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
     return LearnerConfig(lr=lr or cfg.lr or DEFAULT_LR.get(lr_key(method), 1e-3), token_budget=cfg.token_budget,
                          progress_points=cfg.progress_points, seed=seed)
@@ -169,10 +178,7 @@ def bench(cfg: BenchConfig) -> dict:
     streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    bb = load_backbone(cfg.model, cfg.device)
-    controls = known_controls(bb, cfg.controls, cfg.probe_format)
-    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
-    base_lp = base_logprobs(bb.model, passages)
+    bb, controls, passages, base_lp = prepare(cfg)
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}

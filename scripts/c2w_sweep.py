@@ -15,15 +15,12 @@ import dataclasses
 import json
 import time
 
-from c2w.backbone import load_backbone
-from c2w.bench import BenchConfig, build_stream, known_controls, learner_config
-from c2w.evaluation.drift import base_logprobs, encode_passages
+from c2w.bench import BenchConfig, build_stream, learner_config, prepare
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate, run_learner
 from c2w.learners.c2w import C2WConfig, C2WLearner
 from c2w.memory.gate import GateConfig
 from c2w.streams.controls import add_controls
-from c2w.streams.general_text import general_text
 
 
 def main() -> None:
@@ -33,11 +30,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/c2w-sweep.json", help="where results are written")
     a = ap.parse_args()
     cfg = BenchConfig(methods=["c2w"], stress=a.stress).resolved()
-    bb = load_backbone(cfg.model, cfg.device)
-    controls = known_controls(bb, cfg.controls, cfg.probe_format)
-    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts))
+    bb, controls, passages, base_lp = prepare(cfg)
     stream = add_controls(build_stream(cfg, cfg.validation_seed), controls)
-    ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_logprobs(bb.model, passages))
+    ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp)
     base = evaluate(bb.model, bb.tokenizer, ctx)
     rows = {}
     for v in a.variants:

@@ -12,10 +12,7 @@ import argparse
 import json
 import time
 
-from c2w.backbone import load_backbone
-from c2w.bench import LR_GRID, BenchConfig, choose_lrs, known_controls
-from c2w.evaluation.drift import base_logprobs, encode_passages
-from c2w.streams.general_text import general_text
+from c2w.bench import LR_GRID, BenchConfig, choose_lrs, prepare
 
 
 def main() -> None:
@@ -26,10 +23,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = BenchConfig(methods=a.methods, preset=a.preset).resolved()
     t0 = time.perf_counter()
-    bb = load_backbone(cfg.model, cfg.device)
-    controls = known_controls(bb, cfg.controls, cfg.probe_format)
-    passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
-    choice = choose_lrs(bb, cfg, controls, passages, base_logprobs(bb.model, passages))
+    choice = choose_lrs(*prepare(cfg))
     res = {"preset": a.preset, "validation_seed": cfg.validation_seed, "grid": {m: LR_GRID[m] for m in choice},
            "choice": choice, "wall_s": time.perf_counter() - t0}
     with open(a.out, "w") as f:
