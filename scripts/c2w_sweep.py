@@ -34,6 +34,7 @@ def main() -> None:
     stream = add_controls(build_stream(cfg, cfg.validation_seed), controls)
     ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp)
     base = evaluate(bb.model, bb.tokenizer, ctx)
+    roles = {r.id: r.role for r in stream.records}
     rows = {}
     for v in a.variants:
         name, js = v.split("=", 1)
@@ -46,7 +47,8 @@ def main() -> None:
         rows[name] = {"overrides": json.loads(js), "acc": r["acc"], "learning_accuracy": r["learning_accuracy"],
                       "bwt": r["bwt"], "forgetting": r["forgetting"], "control_acc": r["locality"]["control_acc"],
                       "kl": r["locality"]["kl"], "updates": r["updates"], "gate": r["gate"],
-                      "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0}
+                      "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0,
+                      "gate_log": [{**g, "role": roles[g["id"]]} for g in learner.gate_log]}
         print(name, json.dumps({k: rows[name][k] for k in ("acc", "learning_accuracy", "bwt", "forgetting",
                                                           "control_acc", "kl", "updates", "wall_s")}), flush=True)
         json.dump(rows, open(a.out, "w"), indent=1)

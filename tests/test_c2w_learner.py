@@ -100,3 +100,33 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     learner.end_episode(0)
     assert learner.written_ids == {"a", "b"}
     assert learner.cost.trained_tokens == 200 // 2  # half written: half the budget, wake and sleep
+
+
+def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
+    """Writing a fact must not make its later restatements look 'known' to the gate."""
+    from c2w.fast import lm_loss
+    from c2w.learners.train import collate
+
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    params = bank.fast_params()
+    cfg_base, cfg_cur = GateConfig(min_novelty=0), GateConfig(min_novelty=0, familiarity_on_base=False)
+    before = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_base)[0].unit_surprise
+    ids, att = collate(schooled.tokenizer, [NEW], 64, schooled.device)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        lm_loss(bank.model, ids, att, att.bool()).backward()
+        opt.step()
+    on_base = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_base)[0]
+    on_current = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_cur)[0]
+    assert on_base.unit_surprise == pytest.approx(before, abs=1e-4)
+    assert on_current.unit_surprise < before - 1.0  # the adapter learned it: the current model finds it familiar
+
+
+def test_rehearsal_openers_mix_fact_asking_prompts_in():
+    from c2w.memory.rehearsal import FACT_OPENERS, OPENERS, openers
+
+    assert openers(False) == OPENERS
+    mixed = openers(True)
+    assert set(mixed) == set(OPENERS) | set(FACT_OPENERS) and len(mixed) == len(OPENERS) + len(FACT_OPENERS)
+    assert set(mixed[1:16:2]) == set(FACT_OPENERS)  # interleaved, so a small sample holds both kinds

@@ -1,6 +1,7 @@
 """Generative rehearsal of base knowledge: text the frozen base writes itself, distilled back.
 
-No old data is kept: at start the base samples continuations of neutral openers; during sleep the
+No old data is kept: at start the base samples continuations of neutral openers (and, by
+default, of openers that make it state facts it believes); during sleep the
 current model is pulled towards the base's next-token distribution on those samples (KL), which
 protects general ability and facts the base knew without knowing which they are. The openers are
 generic and share nothing with the evaluation's control probes or held-out text.
@@ -17,14 +18,32 @@ OPENERS = [
     "When you travel to", "The most important thing about", "Question: What is", "Write a poem about", "Many people believe",
     "The city was", "Music is", "To learn a new language,", "The teacher said", "In the year",
 ]
+# Openers that make the base state what it believes to be true: what a write most endangers is the
+# base's factual recall, and generic prose rehearses it only by chance. Still generic: no topic,
+# relation or entity of any evaluation set is named.
+FACT_OPENERS = [
+    "Here is a fact:", "Did you know that", "Fun fact:", "Question: Who was", "Question: Where is",
+    "A well-known fact is that", "Trivia:", "Encyclopedia entry:",
+]
+
+
+def openers(facts: bool) -> list[str]:
+    """The generic openers, interleaved one-for-one with the factual ones when `facts`."""
+    if not facts:
+        return list(OPENERS)
+    mixed = [o for pair in zip(OPENERS, FACT_OPENERS) for o in pair]
+    return mixed + OPENERS[len(FACT_OPENERS):]
 
 
 @torch.no_grad()
-def sample_rehearsal(model, tokenizer, n: int, max_new_tokens: int = 40, seed: int = 0) -> list[torch.Tensor]:
-    """n token sequences sampled from the base (temperature 1, top-p 0.95), seeded."""
+def sample_rehearsal(model, tokenizer, n: int, max_new_tokens: int = 40, seed: int = 0,
+                     prompts: list[str] | None = None) -> list[torch.Tensor]:
+    """n token sequences sampled from the base (temperature 1, top-p 0.95), seeded, from `prompts`
+    (default: the generic openers) taken in turn."""
+    prompts = prompts or OPENERS
     dev = next(model.parameters()).device
     tokenizer.padding_side = "left"  # one batched generate: every row ends its prompt at the same column
-    enc = tokenizer([OPENERS[k % len(OPENERS)] for k in range(n)], return_tensors="pt", padding=True,
+    enc = tokenizer([prompts[k % len(prompts)] for k in range(n)], return_tensors="pt", padding=True,
                     add_special_tokens=False).to(dev)
     tokenizer.padding_side = "right"
     state = torch.random.get_rng_state()
