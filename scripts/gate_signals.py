@@ -23,22 +23,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="stream seed (keep it off the reported seeds)")
     ap.add_argument("--stress", type=int, default=2, help="noise, duplicate and known records per episode")
     ap.add_argument("--model", default="smollm2", help="backbone")
+    ap.add_argument("--familiarity", default="words", choices=["units", "words"], help="familiarity rule to print")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()
     cfg = BenchConfig(stress=a.stress, model=a.model).resolved()
     stream = build_stream(cfg, a.seed)
     bb = load_backbone(a.model, "cpu")
     bank = AdapterBank(bb.model, lora_config(LearnerConfig()), 128)  # the gate runs with adapters attached
-    gate = GateConfig()
+    gate = GateConfig(familiarity=a.familiarity)
     recs = [r for r in stream.records if r.text.strip()]
     rows = []
-    for r, (nll, ent, fam) in zip(recs, text_signals(bank.model, bb.tokenizer, [r.text for r in recs])):
+    for r, (nll, ent, fam) in zip(recs, text_signals(bank.model, bb.tokenizer, [r.text for r in recs], rule=a.familiarity)):
         lrn = learnability(bank.model, bb.tokenizer, bank.fast_params(), r.text, gate.trial_lr)
         rows.append({"role": r.role, "text": r.text, "surprise": nll, "uncertainty": ent, "familiarity": fam, "learnability": lrn})
     print(f"{'role':10s} {'surprise':>8s} {'familiar':>8s} {'learnab':>8s}  text")
     for row in sorted(rows, key=lambda x: (x["role"], x["familiarity"])):
         print(f"{row['role']:10s} {row['surprise']:8.2f} {row['familiarity']:8.1f} {row['learnability']:8.3f}  {row['text'][:60]}")
-    print(f"thresholds: familiarity > {gate.min_unit_surprise} and learnability >= {gate.min_learnability}")
+    fam = gate.min_unit_surprise if a.familiarity == "units" else gate.min_word_surprise
+    print(f"thresholds: familiarity > {fam} and learnability >= {gate.min_learnability}")
     if a.out:
         json.dump(rows, open(a.out, "w"), indent=1)
 

@@ -109,7 +109,7 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
 
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     params = bank.fast_params()
-    cfg_base, cfg_cur = GateConfig(min_novelty=0), GateConfig(min_novelty=0, familiarity_on_base=False)
+    cfg_base, cfg_cur = GateConfig(min_novelty=0, familiarity_on_base=True), GateConfig(min_novelty=0)
     before = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_base)[0].unit_surprise
     ids, att = collate(schooled.tokenizer, [NEW], 64, schooled.device)
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -121,6 +121,20 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
     on_current = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_cur)[0]
     assert on_base.unit_surprise == pytest.approx(before, abs=1e-4)
     assert on_current.unit_surprise < before - 1.0  # the adapter learned it: the current model finds it familiar
+
+
+@pytest.mark.parametrize("rule", ["units", "words"])
+def test_both_familiarity_rules_find_the_known_fact_more_familiar(schooled, rule):
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    cfg = GateConfig(familiarity=rule, min_unit_surprise=-1, min_word_surprise=-1, min_novelty=0, min_learnability=-1)
+    known, new = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [KNOWN, NEW], [], cfg)
+    assert new.unit_surprise > known.unit_surprise
+
+
+def test_an_unknown_familiarity_rule_is_refused(schooled):
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    with pytest.raises(ValueError, match="familiarity rule"):
+        score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW], [], GateConfig(familiarity="vibes"))
 
 
 def test_rehearsal_openers_mix_fact_asking_prompts_in():

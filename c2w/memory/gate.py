@@ -1,13 +1,19 @@
 """The write gate: decide, from the text alone and the current model, what is worth writing.
 
-Signals per text (on the current model, fast + slow adapters active, except familiarity):
+Signals per text (on the current model, fast + slow adapters active; familiarity optionally on the base):
 - surprise: mean next-token NLL of the text;
-- familiarity (on the frozen base by default): how well the model predicts the text once its topic
-  is named: the largest NLL of any word after the first content unit (a name or number; the
-  topic, which nothing before it can predict). A fact the base already knows is predictable
-  after its topic ("Stockholm is the capital city of Sweden": at most 4.3 nats a word); a new
-  fact has a surprising word after it (a new name, a colour nobody could guess). Mean NLL alone
-  does not separate them (a short known fact with a rare first word is "surprising");
+- familiarity: how predictable the text's content is, two rules (`GateConfig.familiarity`):
+  - `units` (default): the largest summed NLL over the content units (names, numbers, the last
+    word) after the first 3 tokens. A fact the model knows has every unit predictable; a new fact
+    has at least one surprising unit. Known facts often still score high through their first
+    name, and lower-case answers ("likes black") are not units;
+  - `words`: the largest NLL of any word after the first content unit (the topic, which nothing
+    before it can predict), on the frozen base when `familiarity_on_base`. It stops the known
+    facts a 135M base really predicts (capital cities: <= 5.6 nats on validation) and turns away
+    a few new facts whose every word after the topic is cheap ("X was established in 1973").
+    Measured in BENCHMARKS.md, where it lost on the reported seeds; not the default.
+  Mean NLL alone does not separate known from new (a short known fact with a rare first word is
+  "surprising");
 - uncertainty: mean predictive entropy over the text's positions;
 - novelty: 1 - the largest word-set overlap (Jaccard) with texts already stored or seen this
   episode (exact and near duplicates score ~0);
@@ -32,10 +38,12 @@ from c2w.learners.train import collate
 
 @dataclass
 class GateConfig:
+    familiarity: str = field(default="units", metadata={"help": "familiarity rule (see module doc)", "choices": ["units", "words"]})
+    min_unit_surprise: float = field(default=4.0, metadata={"help": "`units`: write only if some content unit costs more nats than this (else: known)"})
     # 6.5: between the known facts the validation streams' base predicts (<= 5.6 nats) and their
     # cheapest new fact (7.6); scripts/gate_signals.py prints the table. Most "known" records of the
     # stream are not predictable by a 135M base at all (currencies: 19-24 nats) and get written.
-    min_unit_surprise: float = field(default=6.5, metadata={"help": "write only if a word after the topic costs more nats than this (else: known)"})
+    min_word_surprise: float = field(default=6.5, metadata={"help": "`words`: write only if a word after the topic costs more nats than this"})
     # 0.2, not 0.5: on the validation stream, new facts written in a shared sentence pattern, and
     # updates ("X now works as a chemist" after "X works as a librarian"), overlap stored texts by
     # up to 0.6 (novelty 0.4); exact and near duplicates sit at 0-0.1.
@@ -47,7 +55,7 @@ class GateConfig:
     # "Known" means the backbone knew it before anything was written; on the current model, a restated
     # or related fact about something already written would look known (and written facts are the
     # novelty signal's business). Costs one more forward pass per text.
-    familiarity_on_base: bool = field(default=True, metadata={"help": "measure familiarity on the frozen base (adapters off), not the current model"})
+    familiarity_on_base: bool = field(default=False, metadata={"help": "measure familiarity on the frozen base (adapters off), not the current model"})
     top_k: int = field(default=0, metadata={"help": "write at most k texts per episode (0 = no cap)"})
 
 
@@ -86,9 +94,12 @@ def content_units(text: str) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def text_signals(model, tokenizer, texts: list[str], max_len: int = 128) -> list[tuple[float, float, float]]:
-    """(mean NLL, mean entropy, familiarity) per text; familiarity is the largest NLL of a word after
-    the first content unit (every word but the first if none follows it; inf for an empty text)."""
+def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: str = "units") -> list[tuple[float, float, float]]:
+    """(mean NLL, mean entropy, familiarity) per text. Familiarity, `units`: the largest summed NLL
+    over content units after the first 3 tokens; `words`: the largest NLL of a word after the first
+    content unit (every word but the first if none follows it). inf when there is nothing to score."""
+    if rule not in ("units", "words"):
+        raise ValueError(f"familiarity rule must be 'units' or 'words', got {rule!r}")
     dev = next(model.parameters()).device
     out = []
     for t in texts:
@@ -99,17 +110,20 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128) -> list
         ent = -(logp.exp() * logp).sum(-1)
         offs = enc.offset_mapping  # a BPE token's span may include the space before a word
 
-        def cost(a: int, b: int) -> float | None:
-            toks = [k for k in range(1, len(offs)) if offs[k][0] < b and offs[k][1] > a]
+        def cost(a: int, b: int, first: int = 1) -> float | None:
+            toks = [k for k in range(first, len(offs)) if offs[k][0] < b and offs[k][1] > a]
             return float(sum(nll[k - 1] for k in toks)) if toks else None
 
         units = content_units(t)
-        topic_end = units[0][1] if units else 0
-        words = [c for w in re.finditer(r"[\w'’-]+", t) if w.start() >= topic_end and (c := cost(*w.span())) is not None]
-        if not words:  # the topic ends the text: every word but the first
-            words = [c for w in re.finditer(r"[\w'’-]+", t) if (c := cost(*w.span())) is not None]
+        if rule == "units":
+            scored = [c for a, b in units if (c := cost(a, b, first=3)) is not None]
+        else:
+            topic_end = units[0][1] if units else 0
+            scored = [c for w in re.finditer(r"[\w'’-]+", t) if w.start() >= topic_end and (c := cost(*w.span())) is not None]
+            if not scored:  # the topic ends the text: every word but the first
+                scored = [c for w in re.finditer(r"[\w'’-]+", t) if (c := cost(*w.span())) is not None]
         out.append((nll.mean().item() if len(nll) else 0.0, ent.mean().item() if len(ent) else 0.0,
-                    max(words) if words else float("inf")))
+                    max(scored) if scored else float("inf")))
     return out
 
 
@@ -135,19 +149,20 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
     """Score an episode's texts in order; a text also counts as `stored` for those after it."""
     seen = [_words(t) for t in stored]
     out = []
-    sig = text_signals(model, tokenizer, texts)
+    sig = text_signals(model, tokenizer, texts, rule=cfg.familiarity)
     if cfg.familiarity_on_base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base_fam = [f for _, _, f in text_signals(model, tokenizer, texts)]
+            base_fam = [f for _, _, f in text_signals(model, tokenizer, texts, rule=cfg.familiarity)]
         sig = [(s, u, f) for (s, u, _), f in zip(sig, base_fam)]
     for t, (s, u, unit) in zip(texts, sig):
         nov = novelty(t, seen)
-        cheap_no = nov < cfg.min_novelty or unit < cfg.min_unit_surprise  # skip the trial step
+        known = unit < (cfg.min_unit_surprise if cfg.familiarity == "units" else cfg.min_word_surprise)
+        cheap_no = nov < cfg.min_novelty or known  # skip the trial step
         lrn = float("nan") if cheap_no else learnability(model, tokenizer, params, t, cfg.trial_lr)
         g = GateScore(s, u, unit, nov, lrn)
         if nov < cfg.min_novelty:
             g.reason = "duplicate"
-        elif unit < cfg.min_unit_surprise:
+        elif known:
             g.reason = "known"
         elif not lrn >= cfg.min_learnability:
             g.reason = "not learnable"

@@ -1,7 +1,7 @@
 """Generative rehearsal of base knowledge: text the frozen base writes itself, distilled back.
 
-No old data is kept: at start the base samples continuations of neutral openers (and, by
-default, of openers that make it state facts it believes); during sleep the
+No old data is kept: at start the base samples continuations of neutral openers (and, with
+`rehearsal_facts`, of openers that make it state facts it believes); during sleep the
 current model is pulled towards the base's next-token distribution on those samples (KL), which
 protects general ability and facts the base knew without knowing which they are. The openers are
 generic and share nothing with the evaluation's control probes or held-out text.
