@@ -39,8 +39,7 @@ def main() -> None:
     print(f"{'role':10s} {'surprise':>8s} {'familiar':>8s} {'learnab':>8s}  text")
     for row in sorted(rows, key=lambda x: (x["role"], x["familiarity"])):
         print(f"{row['role']:10s} {row['surprise']:8.2f} {row['familiarity']:8.1f} {row['learnability']:8.3f}  {row['text'][:60]}")
-    fam = gate.min_unit_surprise if a.familiarity == "units" else gate.min_word_surprise
-    print(f"thresholds: familiarity > {fam} and learnability >= {gate.min_learnability}")
+    print(f"thresholds: familiarity > {gate.familiarity_threshold} and learnability >= {gate.min_learnability}")
     if a.out:
         json.dump(rows, open(a.out, "w"), indent=1)
 

@@ -58,6 +58,11 @@ class GateConfig:
     familiarity_on_base: bool = field(default=False, metadata={"help": "measure familiarity on the frozen base (adapters off), not the current model"})
     top_k: int = field(default=0, metadata={"help": "write at most k texts per episode (0 = no cap)"})
 
+    @property
+    def familiarity_threshold(self) -> float:
+        """Nats below which a text counts as known, under the chosen familiarity rule."""
+        return self.min_unit_surprise if self.familiarity == "units" else self.min_word_surprise
+
 
 @dataclass
 class GateScore:
@@ -81,13 +86,14 @@ def novelty(text: str, stored: list[set[str]]) -> float:
     return 1.0 - max(len(w & s) / len(w | s) for s in stored)
 
 
+_WORD = re.compile(r"[\w'’-]+")
 _UNIT = re.compile(r"\b(?:[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+)*|\d[\d.,]*)")
 
 
 def content_units(text: str) -> list[tuple[int, int]]:
     """Character spans of names, numbers and the last word."""
     units = [m.span() for m in _UNIT.finditer(text)]
-    last = list(re.finditer(r"[\w'’-]+", text))
+    last = list(_WORD.finditer(text))
     if last and last[-1].span() not in units:
         units.append(last[-1].span())
     return units
@@ -119,9 +125,9 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: s
             scored = [c for a, b in units if (c := cost(a, b, first=3)) is not None]
         else:
             topic_end = units[0][1] if units else 0
-            scored = [c for w in re.finditer(r"[\w'’-]+", t) if w.start() >= topic_end and (c := cost(*w.span())) is not None]
-            if not scored:  # the topic ends the text: every word but the first
-                scored = [c for w in re.finditer(r"[\w'’-]+", t) if (c := cost(*w.span())) is not None]
+            words = [(w.start(), c) for w in _WORD.finditer(t) if (c := cost(*w.span())) is not None]
+            # after the topic; if the topic ends the text, every word but the first
+            scored = [c for start, c in words if start >= topic_end] or [c for _, c in words]
         out.append((nll.mean().item() if len(nll) else 0.0, ent.mean().item() if len(ent) else 0.0,
                     max(scored) if scored else float("inf")))
     return out
@@ -156,7 +162,7 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
         sig = [(s, u, f) for (s, u, _), f in zip(sig, base_fam)]
     for t, (s, u, unit) in zip(texts, sig):
         nov = novelty(t, seen)
-        known = unit < (cfg.min_unit_surprise if cfg.familiarity == "units" else cfg.min_word_surprise)
+        known = unit < cfg.familiarity_threshold
         cheap_no = nov < cfg.min_novelty or known  # skip the trial step
         lrn = float("nan") if cheap_no else learnability(model, tokenizer, params, t, cfg.trial_lr)
         g = GateScore(s, u, unit, nov, lrn)
