@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=seeds_arg, default=[1000],
                     help="comma list of validation seeds (>= 1000); with several, mean and std per variant")
     ap.add_argument("--stress", type=int, default=0, help="gate-stress records per episode")
+    ap.add_argument("--episodes", type=int, help="override the preset's episodes")
+    ap.add_argument("--facts-per-episode", type=int, help="override the preset's facts per episode")
+    ap.add_argument("--token-budget", type=int, help="override the preset's trained tokens per episode")
+    ap.add_argument("--update-fraction", type=float, help="override the preset's share of updates")
     ap.add_argument("--model", default="smollm2", help="backbone ('tiny' for a smoke run)")
     ap.add_argument("--out", default="runs/c2w-sweep.json", help="where results are written")
     a = ap.parse_args()
@@ -70,7 +74,9 @@ def main() -> None:
             variants.append((name, json.loads(js)))
         except json.JSONDecodeError as e:
             ap.error(f"variant {name!r}: bad JSON ({e})")
-    cfg = BenchConfig(methods=["c2w"], stress=a.stress, model=a.model).resolved()
+    cfg = BenchConfig(methods=["c2w"], stress=a.stress, model=a.model, episodes=a.episodes,
+                      facts_per_episode=a.facts_per_episode, token_budget=a.token_budget,
+                      update_fraction=a.update_fraction).resolved()
     bb, controls, passages, base_lp = prepare(cfg)
     rows: dict = {name: {"overrides": o, "per_seed": {}} for name, o in variants}
     for seed in a.seeds:  # one stream and one base evaluation per seed, shared by the variants

@@ -20,11 +20,20 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(LR_GRID), help="methods to grid (keys of LR_GRID)")
     ap.add_argument("--preset", default="quick", help="bench preset whose stream size and budget are used")
     ap.add_argument("--out", default="runs/lr-grid.json", help="where the choices are written")
+    ap.add_argument("--episodes", type=int, help="override the preset's episodes (to try a protocol)")
+    ap.add_argument("--facts-per-episode", type=int, help="override the preset's facts per episode")
+    ap.add_argument("--token-budget", type=int, help="override the preset's trained tokens per episode")
+    ap.add_argument("--validation-seed", type=int, default=1000, help="the stream's seed (>= 1000: never a reported one)")
     a = ap.parse_args()
-    cfg = BenchConfig(methods=a.methods, preset=a.preset).resolved()
+    if a.validation_seed < 1000:
+        ap.error("--validation-seed must be >= 1000; seeds 0..N-1 are the reported ones")
+    cfg = BenchConfig(methods=a.methods, preset=a.preset, episodes=a.episodes, facts_per_episode=a.facts_per_episode,
+                      token_budget=a.token_budget, validation_seed=a.validation_seed).resolved()
     t0 = time.perf_counter()
-    choice = choose_lrs(*prepare(cfg))
-    res = {"preset": a.preset, "validation_seed": cfg.validation_seed, "grid": {m: LR_GRID[m] for m in choice},
+    bb, controls, passages, base_lp = prepare(cfg)
+    choice = choose_lrs(bb, cfg, controls, passages, base_lp)
+    res = {"preset": a.preset, "episodes": cfg.episodes, "facts_per_episode": cfg.facts_per_episode,
+           "token_budget": cfg.token_budget, "validation_seed": cfg.validation_seed, "grid": {m: LR_GRID[m] for m in choice},
            "choice": choice, "wall_s": time.perf_counter() - t0}
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

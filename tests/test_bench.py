@@ -48,6 +48,22 @@ def test_results_json_has_the_documented_shape(first_run):
     assert res["config"]["seeds_reported"] == [0, 1] and res["config"]["validation_seed"] not in (0, 1)
 
 
+def test_the_gate_log_is_saved_for_c2w_only_with_the_roles_it_never_saw(first_run):
+    res = json.loads((first_run / "results.json").read_text())
+    assert all("gate_log" not in res["methods"][b] for b in BASELINES)
+    logs = res["methods"]["c2w"]["gate_log"]
+    logs = logs["per_seed"] if isinstance(logs, dict) else [logs, logs]
+    assert len(logs) == 2
+    gate = res["methods"]["c2w"]["gate"]
+    for seed, log in enumerate(logs):
+        # stress=1: 3 facts + noise + duplicate (from episode 1) + known per episode, every one logged
+        assert {g["role"] for g in log} >= {"learn", "noise", "known"}
+        assert all({"id", "episode", "write", "surprise", "novelty", "learnability", "reason"} <= set(g) for g in log)
+        for role in ("learn", "noise", "known"):  # the log's decisions are the ones the gate metrics count
+            rows = [g for g in log if g["role"] == role]
+            assert gate[f"written_{role}"]["per_seed"][seed] == pytest.approx(sum(g["write"] for g in rows) / len(rows))
+
+
 def test_report_and_plots_are_written(first_run):
     md = (first_run / "report.md").read_text()
     for name in BASELINES:

@@ -135,6 +135,9 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     for role in ("learn", "noise", "known", "duplicate"):
         ids = [r.id for r in ctx.stream.records if r.role == role]
         gate[f"written_{role}"] = (sum(i in learner.written_ids for i in ids) / len(ids)) if ids else np.nan
+    role_of = {r.id: r.role for r in ctx.stream.records}
+    # The gate's per-record signals and decisions (c2w only), with the role the gate never saw.
+    gate_log = [{**g, "role": role_of.get(g["id"])} for g in getattr(learner, "gate_log", [])]
     n_written = max(1, len(learner.written_ids))
     c = learner.cost
     out = {
@@ -150,6 +153,7 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
         "learning_speed": {"auc": M.learning_curve_auc(fractions.tolist(), mean_curve.tolist()),
                            "steps": fractions.tolist(), "acc": mean_curve.tolist()},
         "gate": gate,
+        **({"gate_log": gate_log} if gate_log else {}),
         "cost": {"trained_tokens": c.trained_tokens, "train_steps": c.train_steps, "flops": c.flops,
                  "train_s": c.train_s, "wall_s": wall, "trainable_params": c.trainable_params,
                  "state_bytes_per_record": learner.state_bytes() / n_written,
