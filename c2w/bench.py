@@ -175,6 +175,7 @@ def provenance(bb: Backbone) -> dict:
 
 def bench(cfg: BenchConfig) -> dict:
     from c2w.report import aggregate_runs, write_report
+    from c2w.report.aggregate import jsonable
 
     cfg = cfg.resolved()
     t0 = time.perf_counter()
@@ -198,18 +199,7 @@ def bench(cfg: BenchConfig) -> dict:
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},
         "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
     }
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     write_report(results, out)
     return results
 
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x

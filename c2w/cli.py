@@ -57,12 +57,14 @@ def cmd_report(ns) -> int:
     from pathlib import Path
 
     from c2w.report import write_report
+    from c2w.report.aggregate import jsonable
     from c2w.report.merge import load_results, merge_results
 
     results = merge_results([load_results(p) for p in ns.runs], list(ns.runs))
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    # the bench's writer: NaN becomes null, so the merged file is strict JSON like the runs it merges
+    (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     print(f"wrote {write_report(results, out)} ({len(results['methods'])} methods from {len(ns.runs)} run(s))")
     return 0
 

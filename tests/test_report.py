@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from c2w.evaluation.metrics import aggregate_matrix, mean_std
-from c2w.report import aggregate_runs, render_markdown, write_report
+from c2w.report import aggregate_runs, jsonable, render_markdown, write_report
 from c2w.report.markdown import GROUPS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +47,14 @@ def test_aggregate_runs_two_seeds():
     assert ls["steps"]["mean"][:2] == [0.0, 10.0] and ls["steps"]["mean"][2] == 20.0
     assert ls["acc"]["per_seed"][0] == [0.1, 0.5, None]
     assert ls["auc"]["mean"] == 0.5
+
+
+def test_jsonable_gives_strict_json():
+    import json
+    tree = {1: np.array([1.0, NAN]), "b": (np.float32(0.5), np.int64(3), np.bool_(True)), "c": float("inf"), "d": "x"}
+    out = jsonable(tree)
+    assert out == {"1": [1.0, None], "b": [0.5, 3, True], "c": None, "d": "x"}
+    json.loads(json.dumps(out, allow_nan=False))  # no NaN or Infinity tokens left
 
 
 def test_aggregate_runs_missing_keys_and_strings():

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from c2w.report.aggregate import aggregate_runs
+from c2w.report.aggregate import aggregate_runs, jsonable
 from c2w.report.markdown import render_markdown
 from c2w.report.plots import plot_all
 
-__all__ = ["write_report", "aggregate_runs", "render_markdown", "plot_all"]
+__all__ = ["write_report", "aggregate_runs", "jsonable", "render_markdown", "plot_all"]
 
 
 def write_report(results: dict, out_dir: Path) -> Path:

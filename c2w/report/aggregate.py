@@ -22,7 +22,7 @@ import numpy as np
 
 from c2w.evaluation.metrics import aggregate_matrix, mean_std
 
-__all__ = ["aggregate_runs", "is_agg", "get_path", "agg_mean", "agg_std", "agg_array", "agg_seed_arrays", "agg_n"]
+__all__ = ["aggregate_runs", "jsonable", "is_agg", "get_path", "agg_mean", "agg_std", "agg_array", "agg_seed_arrays", "agg_n"]
 
 def is_agg(node: Any) -> bool:
     """True for an aggregated leaf ``{"mean", "std", "per_seed"}``."""
@@ -77,29 +77,31 @@ def _agg_lists(vals: list[Any]) -> dict[str, Any]:
     present = [v for v in vals if v is not None]
     shapes = [_shape(v) for v in present]
     if any(s is None for s in shapes):  # ragged inside one seed: nothing sensible to average
-        return {"mean": None, "std": None, "per_seed": [_jsonable(v) for v in vals]}
+        return {"mean": None, "std": None, "per_seed": [jsonable(v) for v in vals]}
     if not shapes:
         return {"mean": None, "std": None, "per_seed": [None for _ in vals]}
     ndims = {len(s) for s in shapes}
     if len(ndims) != 1:
-        return {"mean": None, "std": None, "per_seed": [_jsonable(v) for v in vals]}
+        return {"mean": None, "std": None, "per_seed": [jsonable(v) for v in vals]}
     full = tuple(max(s[d] for s in shapes) for d in range(ndims.pop()))
     mats = [np.full(full, math.nan) if v is None else _pad(v, full) for v in vals]
     return aggregate_matrix(mats)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """Strict-JSON form of a results tree: arrays to lists, numpy scalars to Python, NaN and
+    infinities to null, keys to strings (what results.json holds)."""
     if isinstance(x, np.ndarray):
         x = x.tolist()
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (np.bool_, bool)):
         return bool(x)
     if isinstance(x, (numbers.Number, np.number)):
         f = float(x)
-        return None if math.isnan(f) else (int(x) if isinstance(x, (int, np.integer)) else f)
+        return None if not math.isfinite(f) else (int(x) if isinstance(x, (int, np.integer)) else f)
     return x
 
 
@@ -125,8 +127,8 @@ def _aggregate(vals: list[Any]) -> Any:
         return _agg_lists(vals)
     first = non_none[0]
     if all(_safe_eq(v, first) for v in non_none):  # equal where present (missing seeds ignored)
-        return _jsonable(first)
-    return {"per_seed": [_jsonable(v) for v in vals]}
+        return jsonable(first)
+    return {"per_seed": [jsonable(v) for v in vals]}
 
 
 def aggregate_runs(runs: list[dict]) -> dict:
