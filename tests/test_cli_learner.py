@@ -86,7 +86,8 @@ def test_learn_creates_a_state_and_status_reports_it(made, capsys):
     assert cli.main(["status", "--state", str(made), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["meta"]["next_episode"] == 1 and st["summary"]["adapters"] == {"fast": 16}
-    assert st["summary"]["cost"]["trained_tokens"] >= 50 and st["config"]["backbone"]["name"] == "tiny"
+    # learn trains the wake share of the 100-token budget (0.3 by default); sleep takes the rest
+    assert st["summary"]["cost"]["trained_tokens"] >= 30 and st["config"]["backbone"]["name"] == "tiny"
     learner, _ = load_state(made, rehearsal=False)
     assert sorted(e.id for e in learner.buffer.entries) == ["e0-2", "mira"]
 
