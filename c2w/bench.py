@@ -174,8 +174,7 @@ def provenance(bb: Backbone) -> dict:
 
 
 def bench(cfg: BenchConfig) -> dict:
-    from c2w.report import aggregate_runs, write_report
-    from c2w.report.aggregate import jsonable
+    from c2w.report import aggregate_runs, jsonable, write_report
 
     cfg = cfg.resolved()
     t0 = time.perf_counter()

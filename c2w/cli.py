@@ -56,8 +56,7 @@ def cmd_report(ns) -> int:
     import json
     from pathlib import Path
 
-    from c2w.report import write_report
-    from c2w.report.aggregate import jsonable
+    from c2w.report import jsonable, write_report
     from c2w.report.merge import load_results, merge_results
 
     results = merge_results([load_results(p) for p in ns.runs], list(ns.runs))

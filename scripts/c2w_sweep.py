@@ -39,7 +39,7 @@ def seeds_arg(text: str) -> list[int]:
     return seeds
 
 
-def run_variant(bb, cfg, ctx, base, roles, seed: int, overrides: dict) -> dict:
+def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
     o = dict(overrides)
     lr = o.pop("lr", None)
     gate = GateConfig(**{k[5:]: o.pop(k) for k in list(o) if k.startswith("gate.")})
@@ -49,7 +49,7 @@ def run_variant(bb, cfg, ctx, base, roles, seed: int, overrides: dict) -> dict:
     return {"acc": r["acc"], "learning_accuracy": r["learning_accuracy"], "bwt": r["bwt"], "forgetting": r["forgetting"],
             "control_acc": r["locality"]["control_acc"], "kl": r["locality"]["kl"], "updates": r["updates"],
             "gate": r["gate"], "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0,
-            "gate_log": [{**g, "role": roles[g["id"]]} for g in learner.gate_log]}
+            "gate_log": r.get("gate_log", [])}  # the runner adds each record's role
 
 
 def main() -> None:
@@ -83,10 +83,9 @@ def main() -> None:
         stream = add_controls(build_stream(cfg, seed), controls)
         ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp)
         base = evaluate(bb.model, bb.tokenizer, ctx)
-        roles = {r.id: r.role for r in stream.records}
         for name, o in variants:
             row = rows[name]
-            row["per_seed"][seed] = run_variant(bb, cfg, ctx, base, roles, seed, o)
+            row["per_seed"][seed] = run_variant(bb, cfg, ctx, base, seed, o)
             vals = {k: [x[k] for x in row["per_seed"].values() if x[k] is not None and math.isfinite(x[k])] for k in KEYS}
             row["mean"] = {k: statistics.fmean(v) if v else float("nan") for k, v in vals.items()}
             row["std"] = {k: statistics.pstdev(v) if v else float("nan") for k, v in vals.items()}

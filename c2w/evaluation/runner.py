@@ -131,11 +131,11 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     mean_curve = np.nanmean(grid, axis=0) if np.isfinite(grid).any() else grid[0]
     fractions = np.linspace(0, 1, width)
 
+    role_of = {r.id: r.role for r in ctx.stream.records}
     gate = {}
     for role in ("learn", "noise", "known", "duplicate"):
-        ids = [r.id for r in ctx.stream.records if r.role == role]
+        ids = [i for i, r in role_of.items() if r == role]
         gate[f"written_{role}"] = (sum(i in learner.written_ids for i in ids) / len(ids)) if ids else np.nan
-    role_of = {r.id: r.role for r in ctx.stream.records}
     # The gate's per-record signals and decisions (c2w only), with the role the gate never saw.
     gate_log = [{**g, "role": role_of.get(g["id"])} for g in getattr(learner, "gate_log", [])]
     n_written = max(1, len(learner.written_ids))
