@@ -48,8 +48,10 @@ PRESETS = {
     # 6 episodes x 4 facts at 256 trained tokens per fact. The earlier 4 x 6 (1,536 tokens) let
     # full-ft at its chosen rate show no forgetting (BWT +0.007 on seeds 0-2): too few episodes
     # after a fact for interference to show. Same facts and tokens per fact, two more episodes.
+    # One learning-speed probe inside each write: each is a greedy decode of the episode's probes
+    # (~1.9 s on the CPU here), and a second one cost ~45 s of the default run's 15-minute limit.
     "quick": dict(seeds=1, episodes=6, facts_per_episode=4, update_fraction=0.15, controls=12,
-                  general_texts=8, token_budget=1024, progress_points=2, lr_search=False),
+                  general_texts=8, token_budget=1024, progress_points=1, lr_search=False),
     "full": dict(seeds=3, episodes=5, facts_per_episode=12, update_fraction=0.15, controls=24,
                  general_texts=16, token_budget=4096, progress_points=3, lr_search=True),
 }
@@ -128,8 +130,9 @@ def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Reco
     for m in methods:
         if bar is not None:
             bar.set_description(f"seed {seed} {m}")
+        t0 = time.perf_counter()
         learner = make_learner(m, bb, learner_config(cfg, m, seed, lrs.get(m)))
-        out[m] = run_learner(learner, ctx, base, bar)
+        out[m] = run_learner(learner, ctx, base, bar, setup_s=time.perf_counter() - t0)
         del learner
     return out
 

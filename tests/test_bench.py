@@ -7,7 +7,7 @@ import pytest
 from c2w.bench import BenchConfig, bench
 from c2w.learners import BASELINES
 
-TIMING = {"wall_s", "train_s", "peak_mem_mb", "probe_latency_ratio"}
+TIMING = {"wall_s", "train_s", "setup_s", "peak_mem_mb", "probe_latency_ratio"}
 
 
 def tiny_cfg(out, **kw) -> BenchConfig:

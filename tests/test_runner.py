@@ -99,3 +99,22 @@ def test_probeset_scores_replaced_facts_apart():
     assert {it.record_id for it in ps.items if it.kind == "control"} == {"c0001"}
     roles = {r.id: r.role for r in stream.records}
     assert all(roles[it.record_id] == "learn" for it in ps.items if it.kind == "matrix")
+
+
+def test_drift_is_measured_for_weight_writers_and_zero_for_the_base(tiny, monkeypatch):
+    from c2w.evaluation import runner
+    from c2w.evaluation.drift import base_logprobs, encode_passages
+    from c2w.learners.none import NoneLearner
+
+    stream = stream_with_every_role()
+    passages = encode_passages(tiny.tokenizer, ["The river runs past the old mill and into the sea."])
+    ctx = EvalContext(stream, build_probeset(stream), "raw", passages, base_logprobs(tiny.model, passages))
+    base = evaluate(tiny.model, tiny.tokenizer, ctx)
+    lora = run_learner(LoraLearner(tiny, LearnerConfig(token_budget=60, progress_points=0, lr=1e-2)), ctx, base,
+                       setup_s=2.5)
+    assert lora["locality"]["kl"] > 0 and lora["locality"]["ppl_ratio"] != 1.0
+    assert lora["cost"]["setup_s"] == 2.5 and lora["cost"]["wall_s"] >= 2.5  # building the learner is paid for
+    calls = []
+    monkeypatch.setattr(runner, "drift", lambda *a: calls.append(a) or {"kl": 9.0, "ppl_ratio": 9.0})
+    none = run_learner(NoneLearner(tiny, LearnerConfig()), ctx, base)
+    assert none["locality"]["kl"] == 0.0 and none["locality"]["ppl_ratio"] == 1.0 and not calls

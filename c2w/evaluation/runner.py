@@ -66,11 +66,14 @@ def _by_episode(values: np.ndarray, ps: ProbeSet) -> np.ndarray:
     return out
 
 
-def run_learner(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) -> dict:
-    """Observe each episode, evaluate all probes after it; return this run's metrics dict."""
+def run_learner(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None, setup_s: float = 0.0) -> dict:
+    """Observe each episode, evaluate all probes after it; return this run's metrics dict.
+    setup_s: seconds the learner took to build (c2w samples its rehearsal set there); wall_s includes it."""
     with PeakMemory(learner.backbone.device) as mem:
         out = _run(learner, ctx, base, progress_bar)
     out["cost"]["peak_mem_mb"] = mem.peak_mb
+    out["cost"]["setup_s"] = setup_s
+    out["cost"]["wall_s"] += setup_s
     return out
 
 
@@ -121,9 +124,13 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     control_base = float(base.correct[ctrl].mean()) if ctrl else np.nan
     locality = {"control_acc": control_acc,
                 "control_rel": control_acc / control_base if ctrl and control_base > 0 else np.nan}
-    with torch.no_grad():
-        locality.update(drift(learner.model, ctx.passages, ctx.base_lp) if ctx.passages else
-                        {"kl": np.nan, "ppl_ratio": np.nan})
+    if not ctx.passages:
+        locality.update({"kl": np.nan, "ppl_ratio": np.nan})
+    elif not learner.writes_weights:  # the base's own weights: no drift by construction (scoring them
+        locality.update({"kl": 0.0, "ppl_ratio": 1.0})  # would only measure the bf16 rounding of base_lp)
+    else:
+        with torch.no_grad():
+            locality.update(drift(learner.model, ctx.passages, ctx.base_lp))
 
     # Learning speed: each episode's curve sampled at equal budget fractions; mean over episodes.
     width = max(len(c) for c in curves)
