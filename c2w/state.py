@@ -10,6 +10,8 @@ Layout::
     DIR/v000012/buffer.json     the episodic buffer (EpisodicBuffer.to_json)
     DIR/v000012/learner.json    cost, sleeps, written ids, the full gate log, the sampling RNG
     DIR/v000012/rehearsal.pt    rehearsal sequences + the base's top-k log-probs (not resampled on load)
+    DIR/v000012/optimizer.pt    the fast adapter's AdamW state (moments, step): a resumed write continues
+                                exactly as an uninterrupted one would (absent in older states: fresh AdamW)
     DIR/v000012/status.json     {"meta": what the CLI keeps (episodes, last sleep, ...),
                                  "summary": a derived, human-readable digest}
 
@@ -216,6 +218,7 @@ def _write_version(learner: C2WLearner, vdir: Path, meta: dict) -> None:
         "written_ids": sorted(learner.written_ids), "gate_log": learner.gate_log,
         "rng": [rng[0], list(rng[1]), rng[2]]})
     torch.save({"rehearsal": learner.rehearsal}, vdir / "rehearsal.pt")
+    torch.save(learner.opt.state_dict(), vdir / "optimizer.pt")
     _write_json(vdir / "status.json", {"meta": meta, "summary": _summary(learner)})
     _fsync_tree(vdir)
 
@@ -338,7 +341,19 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     r = lj["rng"]
     learner.rng.setstate((r[0], tuple(r[1]), r[2]))
     learner._new_optimizer()
+    if (vdir / "optimizer.pt").exists():
+        _load_optimizer(learner, torch.load(vdir / "optimizer.pt", weights_only=True), vdir)
     return learner, status["meta"]
+
+
+def _load_optimizer(learner: C2WLearner, sd: dict, vdir: Path) -> None:
+    """Restore the fast adapter's AdamW state; its tensors must fit the fast parameters one for one."""
+    params = learner.params
+    for k, st in sd.get("state", {}).items():
+        k = int(k)
+        if k >= len(params) or st["exp_avg"].shape != params[k].shape:
+            raise StateError(f"{vdir}: optimizer.pt does not fit the fast adapter (parameter {k})")
+    learner.opt.load_state_dict(sd)
 
 
 def load_state(d: str | Path, device: str | None = None, rehearsal: bool = True) -> tuple[C2WLearner, dict]:

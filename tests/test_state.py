@@ -136,3 +136,28 @@ def test_missing_foreign_and_locked_directories(tmp_path):
     (tmp_path / "s" / "CURRENT").write_text("../etc\n")
     with pytest.raises(StateError, match="damaged"):
         load_state(tmp_path / "s")
+
+
+def test_a_resumed_write_continues_exactly_as_an_uninterrupted_one(tiny, tmp_path):
+    """Saved mid-episode (fast adapter trained, no sleep yet), reloaded, then written on: the same
+    weights as the learner that never stopped, because AdamW's moments and step travel too."""
+    a = make_learner(tiny)
+    a.observe(0, [Observation("a", 0, TEXTS[0])])
+    save_state(a, tmp_path, state.new_meta())
+    b, _ = load_state(tmp_path)
+    assert b.opt.state_dict()["state"] and all(
+        torch.equal(x["exp_avg"], y["exp_avg"])
+        for x, y in zip(a.opt.state_dict()["state"].values(), b.opt.state_dict()["state"].values()))
+    for learner in (a, b):
+        learner.observe(0, [Observation("b", 0, TEXTS[1])])
+    assert torch.allclose(logits(a), logits(b), atol=1e-6)
+
+
+def test_an_optimizer_file_that_does_not_fit_is_refused(tiny, trained, tmp_path):
+    v = save_state(trained, tmp_path, state.new_meta())
+    sd = torch.load(tmp_path / v / "optimizer.pt", weights_only=True)
+    k = next(iter(sd["state"]))
+    sd["state"][k]["exp_avg"] = torch.zeros(3)
+    torch.save(sd, tmp_path / v / "optimizer.pt")
+    with pytest.raises(StateError, match="optimizer.pt does not fit"):
+        load_state(tmp_path)
