@@ -13,77 +13,23 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from c2w.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from c2w.backbone import Backbone, load_backbone
+from c2w.config import DEFAULT_LR, LR_GRID, PRESETS, BenchConfig, lr_key  # noqa: F401  (re-exported)
 from c2w.evaluation.drift import base_logprobs, encode_passages
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate, run_learner
-from c2w.learners import BASELINES, LearnerConfig, make_learner
+from c2w.learners import LearnerConfig, make_learner
 from c2w.streams.controls import add_controls, control_candidates
 from c2w.streams.fictional import FictionalConfig, generate_fictional
 from c2w.streams.general_text import general_text
 from c2w.streams.records import Record, Stream
 from c2w.streams.validate import load_stream
-
-# Learning rates per method at the quick preset's size (6 episodes x 4 facts, 1,024 tokens), chosen
-# by final ACC on validation streams only (`scripts/lr_grid.py`; BENCHMARKS.md has the grids):
-# full-ft, lora-replay and c2w on seed 1000; lora by mean final ACC over seeds 1000-1002, because on
-# seed 1000 alone its three rates differed by less than one probe. The full preset re-runs the grid.
-# The c2w ablations share c2w's rate (an ablation changes one part, nothing else).
-DEFAULT_LR = {"lora": 1e-3, "lora-replay": 1e-3, "full-ft": 1e-4, "c2w": 3e-3}
-LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "lora-replay": [3e-4, 1e-3, 3e-3], "full-ft": [1e-5, 3e-5, 1e-4],
-           "c2w": [3e-4, 1e-3, 3e-3]}
-
-
-def lr_key(method: str) -> str:
-    return "c2w" if method.startswith("c2w") else method
-
-PRESETS = {
-    # 6 episodes x 4 facts at 256 trained tokens per fact. The earlier 4 x 6 (1,536 tokens) let
-    # full-ft at its chosen rate show no forgetting (BWT +0.007 on seeds 0-2): too few episodes
-    # after a fact for interference to show. Same facts and tokens per fact, two more episodes.
-    # One learning-speed probe inside each write: each is a greedy decode of the episode's probes
-    # (~1.9 s on the CPU here), and a second one cost ~45 s of the default run's 15-minute limit.
-    "quick": dict(seeds=1, episodes=6, facts_per_episode=4, update_fraction=0.15, controls=12,
-                  general_texts=8, token_budget=1024, progress_points=1, lr_search=False),
-    "full": dict(seeds=3, episodes=5, facts_per_episode=12, update_fraction=0.15, controls=24,
-                 general_texts=16, token_budget=4096, progress_points=3, lr_search=True),
-}
-
-
-@dataclass
-class BenchConfig:
-    stream: str = field(default="fictional", metadata={"help": "'fictional' (built-in generator) or a JSONL stream path"})
-    methods: list[str] = field(default_factory=lambda: [*BASELINES, "c2w"], metadata={"help": "methods to run (c2w ablations: c2w-no-gate, c2w-no-sleep, ...)"})
-    preset: str = field(default="quick", metadata={"help": "size of the run", "choices": list(PRESETS)})
-    seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are 0..N-1)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
-    out: str | None = field(default=None, metadata={"help": "output folder (default runs/bench-<time>)"})
-    probe_format: str = field(default="raw", metadata={"help": "score probes raw or through the chat template", "choices": ["raw", "chat"]})
-    episodes: int | None = field(default=None, metadata={"help": "fictional: episodes"})
-    facts_per_episode: int | None = field(default=None, metadata={"help": "fictional: facts per episode"})
-    update_fraction: float | None = field(default=None, metadata={"help": "fictional: share of later facts that update earlier ones"})
-    stress: int = field(default=0, metadata={"help": "fictional: noise, duplicate and known records per episode (gate stress)"})
-    controls: int | None = field(default=None, metadata={"help": "built-in control probes kept (those the base answers); 0 = none"})
-    general_texts: int | None = field(default=None, metadata={"help": "held-out passages for general-text drift"})
-    token_budget: int | None = field(default=None, metadata={"help": "trained tokens per episode, for every weight-writing method"})
-    lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
-    lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
-    progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode's write"})
-    validation_seed: int = field(default=1000, metadata={"help": "seed used only to choose hyperparameters, never reported"})
-
-    def resolved(self) -> "BenchConfig":
-        """Fill every None from the preset."""
-        p = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) is None})
-
 
 def build_stream(cfg: BenchConfig, seed: int) -> Stream:
     if cfg.stream == "fictional":

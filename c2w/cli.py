@@ -69,7 +69,7 @@ def cmd_report(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from c2w.bench import BenchConfig
+    from c2w.config import BenchConfig
     from c2w.streams.fictional import FictionalConfig
 
     p = argparse.ArgumentParser(prog="c2w", description="Context-to-Weight Consolidation: write new context "
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for the merged results.json, report.md and plots")
     r.set_defaults(func=cmd_report)
     from c2w.cli_learner import add_learner_parsers
-    from c2w.perf import add_perf_parser
+    from c2w.perf_args import add_perf_parser
 
     add_learner_parsers(sub)
     add_perf_parser(sub)

@@ -125,9 +125,7 @@ def read_texts(source: str, fmt: str = "auto") -> list[tuple[str | None, str]]:
 
 # --- state settings -----------------------------------------------------------------------------
 def _settings(ns) -> tuple[dict, dict, dict]:
-    from c2w.learners.base import LearnerConfig
-    from c2w.learners.c2w import C2WConfig
-    from c2w.memory.gate import GateConfig
+    from c2w.config import C2WConfig, GateConfig, LearnerConfig
 
     return overrides(ns, LearnerConfig), overrides(ns, C2WConfig), overrides(ns, GateConfig)
 
@@ -177,9 +175,7 @@ def _call_cfg(stored, episode_budget: int | None):
 
 # --- commands -----------------------------------------------------------------------------------
 def cmd_learn(ns) -> int:
-    from c2w.learners.base import LearnerConfig
-    from c2w.learners.c2w import C2WConfig
-    from c2w.memory.gate import GateConfig
+    from c2w.config import C2WConfig, GateConfig, LearnerConfig
     from c2w.state import (StateError, check_dir_usable, gate_counts, init_state, load_state, now, save_state,
                            state_exists, state_lock)
 
@@ -383,9 +379,7 @@ def cmd_status(ns) -> int:
 
 # --- parsers ------------------------------------------------------------------------------------
 def add_learner_parsers(sub) -> None:
-    from c2w.learners.base import LearnerConfig
-    from c2w.learners.c2w import C2WConfig
-    from c2w.memory.gate import GateConfig
+    from c2w.config import C2WConfig, GateConfig, LearnerConfig
 
     fmt = argparse.RawDescriptionHelpFormatter
 

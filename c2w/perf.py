@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import torch
 
 from c2w.evaluation.memory import PeakMemory
+from c2w.perf_args import WORKLOADS, add_perf_parser  # noqa: F401  (re-exported)
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3)
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
-WORKLOADS = ("write", "write_var", "scoring", "scoring_chat", "decode")
 WORDS = ("the river town lies on banks of a valley north old stone bridge market where people trade grain "
          "and wool every spring she was born in city near coast worked as botanist for many years before "
          "moving to capital his brother wrote books about ships").split()
@@ -397,23 +397,6 @@ def format_table(res: dict) -> str:
         if agree:
             lines.append(" " * 16 + "agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
     return "\n".join(lines)
-
-
-def add_perf_parser(subparsers):
-    p = subparsers.add_parser("perf", help="time c2w's write and scoring paths against plain transformers + PEFT")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device for both paths")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--batch", type=int, default=None, help="write batch (default 8 on CPU, 32 on CUDA)")
-    p.add_argument("--seq", type=int, default=None, help="write sequence length (default 64 on CPU, 128 on CUDA)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per path (medians reported)")
-    p.add_argument("--real-weights", action="store_true", help="load the embedded SmolLM2-135M instead of random init")
-    p.add_argument("--compile", action="store_true", help="torch.compile the c2w layer stack (compile time included in warm-up)")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay c2w's greedy steps from CUDA graphs (CUDA only)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--shape", default="smollm2", choices=["smollm2", "tiny"], help="model shape")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")
-    p.set_defaults(func=cmd_perf)
-    return p
 
 
 def cmd_perf(ns) -> int:

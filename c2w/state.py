@@ -33,14 +33,13 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 import c2w
-from c2w.learners.base import Cost, LearnerConfig
-from c2w.learners.c2w import C2WConfig, C2WLearner
-from c2w.memory.bank import FAST, SLOW
-from c2w.memory.buffer import EpisodicBuffer
-from c2w.memory.gate import GateConfig
+from c2w.config import C2WConfig, GateConfig, LearnerConfig
+
+if TYPE_CHECKING:  # reading a state (`c2w status`) must not import torch; writing and loading do, lazily
+    from c2w.learners.c2w import C2WLearner
 
 try:
     import fcntl
@@ -177,6 +176,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def adapter_ranks(learner: C2WLearner) -> dict[str, int]:
+    from c2w.memory.bank import FAST
+
     cfgs = learner.bank.model.peft_config
     return {name: int(cfgs[name].r) for name in filter(None, (learner.bank.slow, FAST))}
 
@@ -189,6 +190,8 @@ def gate_counts(gate_log: list[dict]) -> dict[str, int]:
 
 
 def _config(learner: C2WLearner) -> dict:
+    from c2w.memory.bank import FAST
+
     bb = learner.backbone
     return {"format": FORMAT, "c2w_version": c2w.__version__,
             "backbone": {"name": bb.name, "n_params": bb.n_params},
@@ -206,6 +209,10 @@ def _summary(learner: C2WLearner) -> dict:
 
 
 def _write_version(learner: C2WLearner, vdir: Path, meta: dict) -> None:
+    import torch
+
+    from c2w.memory.bank import FAST
+
     vdir.mkdir()
     _write_json(vdir / "config.json", _config(learner))
     adapters = [a for a in (learner.bank.slow, FAST) if a]
@@ -271,6 +278,7 @@ def init_state(d: str | Path, model_name: str, learner_cfg: LearnerConfig, c2w_c
     """Create a state in DIR (missing or empty): load the backbone, build the learner (this samples
     the rehearsal set once), save version 1. Returns (learner, meta)."""
     from c2w.backbone import load_backbone
+    from c2w.learners.c2w import C2WLearner
 
     if state_exists(d):
         raise StateError(f"{d} already holds a c2w state")
@@ -292,10 +300,15 @@ def _dataclass(cls, d: dict, what: str):
 
 
 def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WLearner, dict]:
+    import torch
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from c2w.backbone import load_backbone
+    from c2w.learners.base import Cost
+    from c2w.learners.c2w import C2WLearner
+    from c2w.memory.bank import FAST, SLOW
+    from c2w.memory.buffer import EpisodicBuffer
 
     cfg = _read_json(vdir / "config.json")
     if cfg.get("format") != FORMAT:

@@ -1,6 +1,5 @@
 """The c2w learner on the tiny model: gate ranking, sleep keeps buffered facts, ablations run."""
 
-import copy
 import random
 
 import pytest

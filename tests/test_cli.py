@@ -65,3 +65,20 @@ def test_help_lists_every_bench_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--stream", "--methods", "--preset", "--seeds", "--model", "--device", "--out", "--probe-format"):
         assert flag in out
+
+
+def test_help_status_and_validate_never_import_the_model_stack(tmp_path):
+    """`c2w --help`, `c2w status` and `c2w stream validate` answer without torch (it takes seconds
+    to import): the configs that build the command line live in c2w/config.py."""
+    import subprocess
+    import sys
+
+    p = write(tmp_path / "s.jsonl", [GOOD])
+    code = ("import sys\nfrom c2w import cli\ncli.build_parser()\n"
+            f"cli.main(['stream', 'validate', {str(p)!r}])\n"
+            f"cli.main(['status', '--state', {str(tmp_path / 'none')!r}])\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ok (1 records" in r.stdout and "no c2w state" in r.stderr

@@ -3,7 +3,6 @@
 import types
 
 import numpy as np
-import pytest
 import torch
 
 from c2w.evaluation.probeset import build_probeset

@@ -1,7 +1,8 @@
 """Continual-learning methods, one file each, behind the `Learner` interface."""
 
+from c2w.config import BASELINES, C2W_ABLATIONS
 from c2w.learners.base import Cost, Learner, LearnerConfig
-from c2w.learners.c2w import ABLATIONS, C2W_METHODS
+from c2w.learners.c2w import C2W_METHODS
 from c2w.learners.full_ft import FullFTLearner
 from c2w.learners.lora import LoraLearner
 from c2w.learners.lora_replay import LoraReplayLearner
@@ -11,8 +12,6 @@ from c2w.learners.rag import RagLearner
 METHODS: dict[str, type[Learner]] = {cls.name: cls for cls in
                                      (NoneLearner, FullFTLearner, LoraLearner, LoraReplayLearner, RagLearner)}
 METHODS.update(C2W_METHODS)
-BASELINES = ["none", "full-ft", "lora", "lora-replay", "rag"]
-C2W_ABLATIONS = [n for n in ABLATIONS if n != "c2w"]
 
 
 def make_learner(name: str, backbone, cfg: LearnerConfig) -> Learner:

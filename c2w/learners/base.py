@@ -6,34 +6,19 @@ The runner gives a learner only `Observation`s (id, episode, text). It never see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
 import torch
 
 from c2w.backbone import Backbone
+from c2w.config import LearnerConfig  # noqa: F401  (re-exported: the learners take it from here)
 from c2w.streams.records import Observation
 
 # Writes are generators that yield (write steps, trained tokens) at a few points of the budget.
 # The runner measures learning speed there and resumes the write: the learner is handed nothing
 # but Observations, not even a callback that could lead back to the evaluator's data.
 Progress = Iterator[tuple[int, int]]
-
-
-@dataclass
-class LearnerConfig:
-    lr: float = field(default=1e-3, metadata={"help": "learning rate of the write optimiser (AdamW)"})
-    token_budget: int = field(default=3000, metadata={"help": "trained tokens per episode, replay and sleep included"})
-    batch_size: int = field(default=8, metadata={"help": "texts per write step"})
-    max_len: int = field(default=128, metadata={"help": "tokens kept per training text"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_targets: str = field(default="all-linear", metadata={"help": "PEFT target_modules"})
-    replay_fraction: float = field(default=0.5, metadata={"help": "share of each batch drawn from the replay buffer"})
-    buffer_size: int = field(default=256, metadata={"help": "replay buffer capacity in texts (reservoir sampling)"})
-    rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
-    progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, inside the write"})
-    seed: int = 0
 
 
 @dataclass

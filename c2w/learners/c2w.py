@@ -14,60 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from c2w.fast import make_optimizer
-from c2w.learners.base import Learner, LearnerConfig
+from c2w.config import ABLATIONS, C2WConfig, GateConfig, LearnerConfig  # noqa: F401  (re-exported)
+from c2w.learners.base import Learner
 from c2w.learners.lora import lora_config
 from c2w.learners.train import epoch_sampler, write_texts
 from c2w.memory.bank import FAST, AdapterBank
 from c2w.memory.buffer import EpisodicBuffer, Entry
-from c2w.memory.gate import GateConfig, score_texts, text_signals
+from c2w.memory.gate import score_texts, text_signals
 from c2w.memory.rehearsal import openers, rehearsal_loss, sample_rehearsal, teacher_logprobs
 from c2w.memory.views import build_views, paraphrases
-
-
-@dataclass
-class C2WConfig:
-    gate: bool = field(default=True, metadata={"help": "gate what is written (off: write everything)"})
-    recombination: bool = field(default=True, metadata={"help": "train on views (keyed, QA, grounded paraphrase), not only the raw text"})
-    view_style: str = field(default="cloze-qa", metadata={"help": "views of a written text (see memory/views.py)", "choices": ["cloze-qa", "describe"]})
-    paraphrase: bool = field(default=True, metadata={"help": "add the model's own grounded paraphrase to the views"})
-    sleep: bool = field(default=True, metadata={"help": "sleep at episode end: replay, rehearsal, consolidation"})
-    replay: bool = field(default=True, metadata={"help": "replay buffered views during sleep"})
-    prioritised: bool = field(default=True, metadata={"help": "replay proportional to current NLL (off: uniform)"})
-    rehearsal: bool = field(default=True, metadata={"help": "distil the base's own samples back during sleep (KL)"})
-    # 0.1. Off looked better on validation seed 1000 alone; on validation seeds 1000-1002 the penalty
-    # forgets less (0.108 vs 0.199 without), as in the 3-seed ablation of the revision (BENCHMARKS.md).
-    orthogonal: float = field(default=0.1, metadata={"help": "weight of the |A_slow A_fast^T|^2 penalty (O-LoRA; 0 = off)"})
-    # 0.3, not 0.5: on validation seeds 1000-1002 of the 6 x 4 preset, equal ACC (0.262 vs 0.255) and
-    # forgetting (0.253 vs 0.239) within their spread, lower general-text KL on all three seeds
-    # (0.37 vs 0.56) and higher control accuracy (0.36 vs 0.17) (BENCHMARKS.md).
-    wake_share: float = field(default=0.3, metadata={"help": "share of the episode budget for online writes; the rest is sleep"})
-    # Off: on the validation seed it looked better (control 0.17 vs 0.08, one control), but on the
-    # 3-seed ablation of the revised c2w, dropping it lowered forgetting (0.044 vs 0.221) at equal
-    # control accuracy (BENCHMARKS.md, "Revised c2w").
-    rehearsal_facts: bool = field(default=False, metadata={"help": "half the rehearsal openers ask the base for facts (memory/rehearsal.py)"})
-    rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of the rehearsal KL"})
-    rehearsal_batch: int = field(default=2, metadata={"help": "rehearsal sequences per sleep step"})
-    n_rehearsal: int = field(default=16, metadata={"help": "rehearsal sequences sampled from the base at start"})
-    buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
-    max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
-
-
-# The ablations: each drops one part, at the same budget.
-ABLATIONS = {
-    "c2w": {},
-    "c2w-no-gate": {"gate": False},
-    "c2w-no-sleep": {"sleep": False},
-    "c2w-no-recombination": {"recombination": False},
-    "c2w-no-rehearsal": {"rehearsal": False},
-    "c2w-no-replay": {"replay": False},
-    "c2w-no-orthogonal": {"orthogonal": 0.0},
-    "c2w-fact-rehearsal": {"rehearsal_facts": True},  # an addition, not an ablation: off in c2w
-}
 
 
 class C2WLearner(Learner):

@@ -27,41 +27,14 @@ the validation stream (seed 1000) only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from c2w.config import GateConfig  # noqa: F401  (re-exported)
 from c2w.evaluation.scoring import normalise
 from c2w.fast import lm_loss
 from c2w.learners.train import collate
-
-
-@dataclass
-class GateConfig:
-    familiarity: str = field(default="units", metadata={"help": "familiarity rule (see module doc)", "choices": ["units", "words"]})
-    min_unit_surprise: float = field(default=4.0, metadata={"help": "`units`: write only if some content unit costs more nats than this (else: known)"})
-    # 6.5: between the known facts the validation streams' base predicts (<= 5.6 nats) and their
-    # cheapest new fact (7.6); scripts/gate_signals.py prints the table. Most "known" records of the
-    # stream are not predictable by a 135M base at all (currencies: 19-24 nats) and get written.
-    min_word_surprise: float = field(default=6.5, metadata={"help": "`words`: write only if a word after the topic costs more nats than this"})
-    # 0.2, not 0.5: on the validation stream, new facts written in a shared sentence pattern, and
-    # updates ("X now works as a chemist" after "X works as a librarian"), overlap stored texts by
-    # up to 0.6 (novelty 0.4); exact and near duplicates sit at 0-0.1.
-    min_novelty: float = field(default=0.2, metadata={"help": "1 - max Jaccard word overlap with stored texts"})
-    # 0.011: validation noise scores <= 0.011 on the base, but new facts fall to 0.012 once the
-    # model holds related facts, so no wider margin exists (0.014 turned away 2 of 24 new facts).
-    min_learnability: float = field(default=0.011, metadata={"help": "relative NLL fall after one trial step (noise barely moves)"})
-    trial_lr: float = field(default=3e-2, metadata={"help": "step size of the learnability probe (normalised gradient)"})
-    # "Known" means the backbone knew it before anything was written; on the current model, a restated
-    # or related fact about something already written would look known (and written facts are the
-    # novelty signal's business). Costs one more forward pass per text.
-    familiarity_on_base: bool = field(default=False, metadata={"help": "measure familiarity on the frozen base (adapters off), not the current model"})
-    top_k: int = field(default=0, metadata={"help": "write at most k texts per episode (0 = no cap)"})
-
-    @property
-    def familiarity_threshold(self) -> float:
-        """Nats below which a text counts as known, under the chosen familiarity rule."""
-        return self.min_unit_surprise if self.familiarity == "units" else self.min_word_surprise
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""The `c2w perf` flags, apart from c2w/perf.py so that building the command line never imports torch."""
+
+from __future__ import annotations
+
+WORKLOADS = ("write", "write_var", "scoring", "scoring_chat", "decode")
+
+
+def add_perf_parser(subparsers):
+    p = subparsers.add_parser("perf", help="time c2w's write and scoring paths against plain transformers + PEFT")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device for both paths")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--batch", type=int, default=None, help="write batch (default 8 on CPU, 32 on CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="write sequence length (default 64 on CPU, 128 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per path (medians reported)")
+    p.add_argument("--real-weights", action="store_true", help="load the embedded SmolLM2-135M instead of random init")
+    p.add_argument("--compile", action="store_true", help="torch.compile the c2w layer stack (compile time included in warm-up)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay c2w's greedy steps from CUDA graphs (CUDA only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "tiny"], help="model shape")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")
+    p.set_defaults(func=_cmd_perf)
+    return p
+
+
+def _cmd_perf(ns) -> int:
+    from c2w.perf import cmd_perf
+
+    return cmd_perf(ns)
