@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="stream seed (keep it off the reported seeds)")
     ap.add_argument("--stress", type=int, default=2, help="noise, duplicate and known records per episode")
     ap.add_argument("--model", default="smollm2", help="backbone")
-    ap.add_argument("--familiarity", default="words", choices=["units", "words"], help="familiarity rule to print")
+    ap.add_argument("--familiarity", default=GateConfig().familiarity, choices=["units", "words"],
+                    help=f"familiarity rule to print (default: the gate's, {GateConfig().familiarity})")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()
     cfg = BenchConfig(stress=a.stress, model=a.model).resolved()
