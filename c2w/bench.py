@@ -127,7 +127,7 @@ def bench(cfg: BenchConfig) -> dict:
 
     cfg = cfg.resolved()
     t0 = time.perf_counter()
-    seeds = list(range(cfg.seeds))
+    seeds = cfg.reported_seeds()
     streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def bench(cfg: BenchConfig) -> dict:
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
-    with tqdm(total=len(seeds) * len(cfg.methods) * streams[0].n_episodes, desc="bench", unit="episode") as bar:
+    with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:
         for s in seeds:
             for m, r in run_seed(bb, cfg, streams[s], controls, passages, base_lp, cfg.methods, lrs, s, bar).items():
                 runs[m].append(r)
@@ -143,7 +143,7 @@ def bench(cfg: BenchConfig) -> dict:
         "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
                                       if lr_key(m) in DEFAULT_LR},
-                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[0].meta},
+                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[seeds[0]].meta},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},
         "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
     }

@@ -17,6 +17,11 @@ def cmd_bench(ns) -> int:
     if bad:
         print(f"error: unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    try:
+        cfg.resolved().reported_seeds()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = bench(cfg)
     print(f"wrote {res['config']['out'] or 'runs/'}: results.json, report.md "
           f"({res['provenance']['wall_s']:.0f} s)")

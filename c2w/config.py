@@ -136,7 +136,8 @@ class BenchConfig:
     stream: str = field(default="fictional", metadata={"help": "'fictional' (built-in generator) or a JSONL stream path"})
     methods: list[str] = field(default_factory=lambda: [*BASELINES, "c2w"], metadata={"help": "methods to run (c2w ablations: c2w-no-gate, c2w-no-sleep, ...)"})
     preset: str = field(default="quick", metadata={"help": "size of the run", "choices": list(PRESETS)})
-    seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are 0..N-1)"})
+    seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are first_seed..first_seed+N-1)"})
+    first_seed: int = field(default=0, metadata={"help": "first reported seed (more seeds later: --first-seed 3 --seeds 3); below 1000, the validation seeds"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     out: str | None = field(default=None, metadata={"help": "output folder (default runs/bench-<time>)"})
@@ -157,3 +158,10 @@ class BenchConfig:
         """Fill every None from the preset."""
         p = PRESETS[self.preset]
         return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) is None})
+
+    def reported_seeds(self) -> list[int]:
+        """The seeds whose streams are reported (of a resolved config); never a validation seed."""
+        if not 0 <= self.first_seed < self.first_seed + self.seeds <= 1000:
+            raise ValueError(f"reported seeds must lie in 0..999 (1000 and up are validation seeds); got "
+                             f"--first-seed {self.first_seed} --seeds {self.seeds}")
+        return list(range(self.first_seed, self.first_seed + self.seeds))

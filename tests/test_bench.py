@@ -79,3 +79,8 @@ def test_same_seed_gives_the_same_results(first_run, tmp_path):
     a = json.loads((first_run / "results.json").read_text())["methods"]
     b = json.loads((again / "results.json").read_text())["methods"]
     assert strip_timing(a) == strip_timing(b)
+
+
+def test_first_seed_runs_and_records_later_seeds(tmp_path):
+    res = bench(tiny_cfg(tmp_path / "later", first_seed=4, seeds=1, methods=["none"]))
+    assert res["config"]["seeds_reported"] == [4] and res["config"]["stream_meta"]["seed"] == 4

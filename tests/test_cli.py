@@ -52,6 +52,19 @@ def test_bench_rejects_unknown_methods(capsys):
     assert "sgd-magic" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [["--first-seed", "999", "--seeds", "2"], ["--first-seed", "-1"], ["--seeds", "0"]])
+def test_bench_never_reports_a_validation_seed(args, capsys):
+    assert cli.main(["bench", "--model", "tiny", *args]) == 2
+    assert "reported seeds must lie in 0..999" in capsys.readouterr().err
+
+
+def test_more_seeds_later_start_where_the_first_run_stopped():
+    from c2w.config import BenchConfig
+
+    assert BenchConfig(first_seed=3, seeds=3).resolved().reported_seeds() == [3, 4, 5]
+    assert BenchConfig().resolved().reported_seeds() == [0]
+
+
 def test_generate_then_validate(tmp_path, capsys):
     p = tmp_path / "f.jsonl"
     assert cli.main(["stream", "generate", str(p), "--episodes", "3", "--facts-per-episode", "4", "--seed", "5"]) == 0
