@@ -39,16 +39,23 @@ def build_stream(cfg: BenchConfig, seed: int) -> Stream:
     return load_stream(cfg.stream)  # raises StreamError listing every problem
 
 
+def base_answers(bb: Backbone, records: list[Record], probe_format: str) -> set[str]:
+    """Ids of the records of which the frozen base answers at least one probe (greedy, scored as
+    every probe is)."""
+    cands = [r if r.role == "control" else dataclasses.replace(r, role="control") for r in records]
+    probes = build_probeset(Stream(cands))
+    ctx = EvalContext(Stream(cands), probes, probe_format, [], [])
+    snap = evaluate(bb.model, bb.tokenizer, ctx, with_logprob=False)
+    return {probes.items[k].record_id for k in np.flatnonzero(snap.correct)}
+
+
 def known_controls(bb: Backbone, n: int, probe_format: str) -> list[Record]:
     """Built-in control facts, kept only where the base answers correctly: locality then measures
     what the model really knew, not noise around chance."""
     if n <= 0:
         return []
     cands = control_candidates(4 * n, seed=0)
-    probes = build_probeset(Stream(cands))
-    ctx = EvalContext(Stream(cands), probes, probe_format, [], [])
-    snap = evaluate(bb.model, bb.tokenizer, ctx, with_logprob=False)
-    ok = {probes.items[k].record_id for k in np.flatnonzero(snap.correct)}
+    ok = base_answers(bb, cands, probe_format)
     return [r for r in cands if r.id in ok][:n]
 
 
@@ -70,7 +77,11 @@ def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Reco
              methods: list[str], lrs: dict[str, float], seed: int, bar=None) -> dict[str, dict]:
     if controls and not any(r.role == "control" for r in stream.records):
         stream = add_controls(stream, controls)
-    ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp)
+    # `known` records are real facts the base *likely* knows; the gate is also judged on those it
+    # really answers (a fact the base cannot state is new to it, and writing it is no mistake).
+    known = [r for r in stream.records if r.role == "known" and r.probes]
+    ctx = EvalContext(stream, build_probeset(stream), cfg.probe_format, passages, base_lp,
+                      known_to_base=frozenset(base_answers(bb, known, cfg.probe_format)) if known else frozenset())
     base = evaluate(bb.model, bb.tokenizer, ctx)
     out = {}
     for m in methods:

@@ -62,6 +62,10 @@ def test_the_gate_log_is_saved_for_c2w_only_with_the_roles_it_never_saw(first_ru
         for role in ("learn", "noise", "known"):  # the log's decisions are the ones the gate metrics count
             rows = [g for g in log if g["role"] == role]
             assert gate[f"written_{role}"]["per_seed"][seed] == pytest.approx(sum(g["write"] for g in rows) / len(rows))
+        # whether the base answers a known record is checked on the base and logged with it
+        known = [g for g in log if g["role"] == "known"]
+        assert all(isinstance(g["base_answers"], bool) for g in known)
+        assert gate["known_to_base"]["per_seed"][seed] == pytest.approx(sum(g["base_answers"] for g in known) / len(known))
 
 
 def test_report_and_plots_are_written(first_run):
@@ -84,3 +88,17 @@ def test_same_seed_gives_the_same_results(first_run, tmp_path):
 def test_first_seed_runs_and_records_later_seeds(tmp_path):
     res = bench(tiny_cfg(tmp_path / "later", first_seed=4, seeds=1, methods=["none"]))
     assert res["config"]["seeds_reported"] == [4] and res["config"]["stream_meta"]["seed"] == 4
+
+
+def test_base_answers_finds_what_the_frozen_base_really_says(tiny):
+    """A record counts as known to the base only when greedy decoding produces its answer."""
+    from c2w.bench import base_answers
+    from c2w.fast import greedy_decode
+    from c2w.streams.records import Probe, Record
+
+    prompt = "The capital of France is"
+    said = tiny.tokenizer.decode(greedy_decode(tiny.model, tiny.tokenizer, [prompt], [3])[0]).split()
+    assert said, "the tiny model should say something"
+    recs = [Record("k1", 0, "x", (Probe(prompt, said[0]),), role="known"),
+            Record("k2", 0, "y", (Probe(prompt, "Zzyzxqv"),), role="known")]
+    assert base_answers(tiny, recs, "raw") == {"k1"}

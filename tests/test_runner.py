@@ -117,3 +117,13 @@ def test_drift_is_measured_for_weight_writers_and_zero_for_the_base(tiny, monkey
     monkeypatch.setattr(runner, "drift", lambda *a: calls.append(a) or {"kl": 9.0, "ppl_ratio": 9.0})
     none = run_learner(NoneLearner(tiny, LearnerConfig()), ctx, base)
     assert none["locality"]["kl"] == 0.0 and none["locality"]["ppl_ratio"] == 1.0 and not calls
+
+
+def test_known_records_the_base_answers_are_counted_apart(tiny):
+    stream = stream_with_every_role()
+    known = [r.id for r in stream.records if r.role == "known"]
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [], known_to_base=frozenset(known[:1]))
+    res = run_learner(LoraLearner(tiny, LearnerConfig(token_budget=40, progress_points=0)), ctx,
+                      evaluate(tiny.model, tiny.tokenizer, ctx))
+    assert len(known) == 2 and res["gate"]["known_to_base"] == 0.5
+    assert res["gate"]["written_known_to_base"] == 1.0  # lora writes everything it observes

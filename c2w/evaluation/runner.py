@@ -37,6 +37,7 @@ class EvalContext:
     passages: list  # encoded general-text passages
     base_lp: list  # base log-probs on them
     batch_size: int = 32
+    known_to_base: frozenset = frozenset()  # ids of `known` records whose probe the frozen base answers
 
 
 def evaluate(model, tokenizer, ctx: EvalContext, learner: Learner | None = None, subset: list[int] | None = None,
@@ -143,8 +144,15 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     for role in ("learn", "noise", "known", "duplicate"):
         ids = [i for i, r in role_of.items() if r == role]
         gate[f"written_{role}"] = (sum(i in learner.written_ids for i in ids) / len(ids)) if ids else np.nan
-    # The gate's per-record signals and decisions (c2w only), with the role the gate never saw.
-    gate_log = [{**g, "role": role_of.get(g["id"])} for g in getattr(learner, "gate_log", [])]
+    known = [i for i, r in role_of.items() if r == "known"]
+    really = [i for i in known if i in ctx.known_to_base]
+    gate["known_to_base"] = len(really) / len(known) if known else np.nan  # share the base really answers
+    gate["written_known_to_base"] = sum(i in learner.written_ids for i in really) / len(really) if really else np.nan
+    # The gate's per-record signals and decisions (c2w only), with what the gate never saw: the
+    # record's role, and for `known` records whether the base answers them.
+    gate_log = [{**g, "role": role_of.get(g["id"]),
+                 **({"base_answers": g["id"] in ctx.known_to_base} if role_of.get(g["id"]) == "known" else {})}
+                for g in getattr(learner, "gate_log", [])]
     n_written = max(1, len(learner.written_ids))
     c = learner.cost
     out = {

@@ -172,6 +172,8 @@ GROUPS: tuple[tuple[str, tuple[Column, ...]], ...] = (
         ("Written: learn", "gate.written_learn", f_general),
         ("Written: noise", "gate.written_noise", f_general),
         ("Written: known", "gate.written_known", f_general),
+        ("Known that the base answers", "gate.known_to_base", f_general),
+        ("Written: known, base answers", "gate.written_known_to_base", f_general),
         ("Written: duplicate", "gate.written_duplicate", f_general),
     )),
     ("Cost", (

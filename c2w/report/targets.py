@@ -58,6 +58,8 @@ def target_rows(methods: dict, ours: str = "c2w") -> list[tuple[str, str, str, s
     for role, want in (("noise", 0.10), ("known", 0.20), ("duplicate", 0.20)):
         w = _mean(c, "gate", f"written_{role}")
         add(f"{role} records written", w, float("nan"), w, f"<= {want:.2f}", w <= want)
+    w = _mean(c, "gate", "written_known_to_base")  # the known records the base really answers
+    add("known records the base answers, written", w, float("nan"), w, "<= 0.20", w <= 0.20)
     ng = methods.get(f"{ours}-no-gate")
     if isinstance(ng, dict) and math.isfinite(_mean(c, "gate", "written_noise")):
         a, an = _mean(c, "acc"), _mean(ng, "acc")
