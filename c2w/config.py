@@ -164,4 +164,7 @@ class BenchConfig:
         if not 0 <= self.first_seed < self.first_seed + self.seeds <= 1000:
             raise ValueError(f"reported seeds must lie in 0..999 (1000 and up are validation seeds); got "
                              f"--first-seed {self.first_seed} --seeds {self.seeds}")
+        if self.first_seed <= self.validation_seed < self.first_seed + self.seeds:
+            raise ValueError(f"--validation-seed {self.validation_seed} is one of the reported seeds; "
+                             f"hyperparameters are never chosen on a reported stream")
         return list(range(self.first_seed, self.first_seed + self.seeds))

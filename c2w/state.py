@@ -354,25 +354,32 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     r = lj["rng"]
     learner.rng.setstate((r[0], tuple(r[1]), r[2]))
     learner._new_optimizer()
-    if (vdir / "optimizer.pt").exists():
-        _load_optimizer(learner, torch.load(vdir / "optimizer.pt", weights_only=True), vdir)
+    if rehearsal and (vdir / "optimizer.pt").exists():  # read-only loads (`c2w ask`) never train
+        _load_optimizer(learner, vdir / "optimizer.pt")
     return learner, status["meta"]
 
 
-def _load_optimizer(learner: C2WLearner, sd: dict, vdir: Path) -> None:
-    """Restore the fast adapter's AdamW state; its tensors must fit the fast parameters one for one."""
+def _load_optimizer(learner: C2WLearner, path: Path) -> None:
+    """Restore the fast adapter's AdamW state (onto the learner's device, wherever it was written);
+    its tensors must fit the fast parameters one for one."""
+    import torch
+
+    try:
+        sd = torch.load(path, weights_only=True, map_location=learner.backbone.device)
+    except Exception as e:  # truncated or foreign file: the state is damaged, say so in one line
+        raise StateError(f"{path} cannot be read ({type(e).__name__}); the state is damaged") from None
     params = learner.params
     for k, st in sd.get("state", {}).items():
         k = int(k)
-        if k >= len(params) or st["exp_avg"].shape != params[k].shape:
-            raise StateError(f"{vdir}: optimizer.pt does not fit the fast adapter (parameter {k})")
+        if k >= len(params) or any(st.get(m) is None or st[m].shape != params[k].shape for m in ("exp_avg", "exp_avg_sq")):
+            raise StateError(f"{path}: optimizer state does not fit the fast adapter (parameter {k})")
     learner.opt.load_state_dict(sd)
 
 
 def load_state(d: str | Path, device: str | None = None, rehearsal: bool = True) -> tuple[C2WLearner, dict]:
     """Rebuild the learner from the live version of DIR; returns (learner, meta). A half-written
-    version is never read: only the folder CURRENT names. rehearsal=False skips the rehearsal set
-    (enough to answer questions; do not save such a learner)."""
+    version is never read: only the folder CURRENT names. rehearsal=False skips the rehearsal set and
+    the optimizer state (enough to answer questions; do not save such a learner)."""
     try:
         return _read_live(d, lambda v: _load_version(v, device, rehearsal))
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:

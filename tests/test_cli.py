@@ -52,10 +52,14 @@ def test_bench_rejects_unknown_methods(capsys):
     assert "sgd-magic" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--first-seed", "999", "--seeds", "2"], ["--first-seed", "-1"], ["--seeds", "0"]])
-def test_bench_never_reports_a_validation_seed(args, capsys):
+@pytest.mark.parametrize("args, says", [
+    (["--first-seed", "999", "--seeds", "2"], "reported seeds must lie in 0..999"),
+    (["--first-seed", "-1"], "reported seeds must lie in 0..999"),
+    (["--seeds", "0"], "reported seeds must lie in 0..999"),
+    (["--first-seed", "3", "--seeds", "3", "--validation-seed", "4"], "is one of the reported seeds")])
+def test_bench_never_reports_a_validation_seed(args, says, capsys):
     assert cli.main(["bench", "--model", "tiny", *args]) == 2
-    assert "reported seeds must lie in 0..999" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
 
 
 def test_more_seeds_later_start_where_the_first_run_stopped():
@@ -80,18 +84,25 @@ def test_help_lists_every_bench_flag(capsys):
         assert flag in out
 
 
-def test_help_status_and_validate_never_import_the_model_stack(tmp_path):
+def test_help_status_and_validate_never_import_the_model_stack(tiny, tmp_path):
     """`c2w --help`, `c2w status` and `c2w stream validate` answer without torch (it takes seconds
     to import): the configs that build the command line live in c2w/config.py."""
     import subprocess
     import sys
 
+    from c2w.config import C2WConfig, GateConfig, LearnerConfig
+    from c2w.learners.c2w import C2WLearner
+    from c2w.state import new_meta, save_state
+
+    learner = C2WLearner(tiny, LearnerConfig(), C2WConfig(rehearsal=False), GateConfig())
+    save_state(learner, tmp_path / "mem", new_meta())  # a real state for `status` to read
     p = write(tmp_path / "s.jsonl", [GOOD])
     code = ("import sys\nfrom c2w import cli\ncli.build_parser()\n"
             f"cli.main(['stream', 'validate', {str(p)!r}])\n"
+            f"assert cli.main(['status', '--state', {str(tmp_path / 'mem')!r}]) == 0\n"
             f"cli.main(['status', '--state', {str(tmp_path / 'none')!r}])\n"
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "ok (1 records" in r.stdout and "no c2w state" in r.stderr
+    assert "ok (1 records" in r.stdout and "no c2w state" in r.stderr and "v000001" in r.stdout

@@ -159,5 +159,9 @@ def test_an_optimizer_file_that_does_not_fit_is_refused(tiny, trained, tmp_path)
     k = next(iter(sd["state"]))
     sd["state"][k]["exp_avg"] = torch.zeros(3)
     torch.save(sd, tmp_path / v / "optimizer.pt")
-    with pytest.raises(StateError, match="optimizer.pt does not fit"):
+    with pytest.raises(StateError, match="optimizer state does not fit"):
         load_state(tmp_path)
+    (tmp_path / v / "optimizer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(StateError, match="optimizer.pt cannot be read"):
+        load_state(tmp_path)
+    assert load_state(tmp_path, rehearsal=False)[0].bank.slow == "slow1"  # `c2w ask` never reads it

@@ -144,7 +144,7 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     for role in ("learn", "noise", "known", "duplicate"):
         ids = [i for i, r in role_of.items() if r == role]
         gate[f"written_{role}"] = (sum(i in learner.written_ids for i in ids) / len(ids)) if ids else np.nan
-    known = [i for i, r in role_of.items() if r == "known"]
+    known = [r.id for r in ctx.stream.records if r.role == "known" and r.probes]  # those that can be checked
     really = [i for i in known if i in ctx.known_to_base]
     gate["known_to_base"] = len(really) / len(known) if known else np.nan  # share the base really answers
     gate["written_known_to_base"] = sum(i in learner.written_ids for i in really) / len(really) if really else np.nan
