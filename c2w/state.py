@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import c2w

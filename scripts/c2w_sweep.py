@@ -21,6 +21,7 @@ import statistics
 import time
 
 from c2w.bench import BenchConfig, build_stream, learner_config, prepare
+from c2w.config import FIRST_VALIDATION_SEED
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate, run_learner
 from c2w.learners.c2w import C2WConfig, C2WLearner
@@ -33,9 +34,9 @@ KEYS = ("acc", "learning_accuracy", "bwt", "forgetting", "control_acc", "kl")
 
 def seeds_arg(text: str) -> list[int]:
     seeds = [int(x) for x in text.split(",") if x.strip()]
-    if not seeds or min(seeds) < 1000:
+    if not seeds or min(seeds) < FIRST_VALIDATION_SEED:
         # reported seeds are 0..N-1: a design chosen on them would be tuned on the probes reported
-        raise argparse.ArgumentTypeError(f"validation seeds must be >= 1000, got {text!r}")
+        raise argparse.ArgumentTypeError(f"validation seeds must be >= {FIRST_VALIDATION_SEED}, got {text!r}")
     return seeds
 
 
@@ -55,8 +56,8 @@ def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="NAME=JSON overrides")
-    ap.add_argument("--seeds", type=seeds_arg, default=[1000],
-                    help="comma list of validation seeds (>= 1000); with several, mean and std per variant")
+    ap.add_argument("--seeds", type=seeds_arg, default=[FIRST_VALIDATION_SEED],
+                    help=f"comma list of validation seeds (>= {FIRST_VALIDATION_SEED}); with several, mean and std per variant")
     ap.add_argument("--stress", type=int, default=0, help="gate-stress records per episode")
     ap.add_argument("--episodes", type=int, help="override the preset's episodes")
     ap.add_argument("--facts-per-episode", type=int, help="override the preset's facts per episode")

@@ -13,6 +13,7 @@ import json
 import time
 
 from c2w.bench import LR_GRID, BenchConfig, choose_lrs, prepare
+from c2w.config import FIRST_VALIDATION_SEED
 
 
 def main() -> None:
@@ -23,10 +24,11 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, help="override the preset's episodes (to try a protocol)")
     ap.add_argument("--facts-per-episode", type=int, help="override the preset's facts per episode")
     ap.add_argument("--token-budget", type=int, help="override the preset's trained tokens per episode")
-    ap.add_argument("--validation-seed", type=int, default=1000, help="the stream's seed (>= 1000: never a reported one)")
+    ap.add_argument("--validation-seed", type=int, default=FIRST_VALIDATION_SEED,
+                    help=f"the stream's seed (>= {FIRST_VALIDATION_SEED}: never a reported one)")
     a = ap.parse_args()
-    if a.validation_seed < 1000:
-        ap.error("--validation-seed must be >= 1000; seeds 0..N-1 are the reported ones")
+    if a.validation_seed < FIRST_VALIDATION_SEED:
+        ap.error(f"--validation-seed must be >= {FIRST_VALIDATION_SEED}; seeds below are the reported ones")
     cfg = BenchConfig(methods=a.methods, preset=a.preset, episodes=a.episodes, facts_per_episode=a.facts_per_episode,
                       token_budget=a.token_budget, validation_seed=a.validation_seed).resolved()
     t0 = time.perf_counter()
