@@ -15,7 +15,7 @@ from c2w.bench import BenchConfig, build_stream
 from c2w.learners.base import LearnerConfig
 from c2w.learners.lora import lora_config
 from c2w.memory.bank import AdapterBank
-from c2w.memory.gate import GateConfig, learnability, text_signals
+from c2w.memory.gate import RULES, GateConfig, learnability, text_signals
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="stream seed (keep it off the reported seeds)")
     ap.add_argument("--stress", type=int, default=2, help="noise, duplicate and known records per episode")
     ap.add_argument("--model", default="smollm2", help="backbone")
-    ap.add_argument("--familiarity", default=GateConfig().familiarity, choices=["units", "words"],
+    ap.add_argument("--familiarity", default=GateConfig().familiarity, choices=list(RULES),
                     help=f"familiarity rule to print (default: the gate's, {GateConfig().familiarity})")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()

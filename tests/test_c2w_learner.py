@@ -37,7 +37,7 @@ def schooled(tiny):
 def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     known, new, noise = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [KNOWN, NEW, NOISE], [],
-                                    GateConfig(min_unit_surprise=-1, min_novelty=0, min_learnability=-1))
+                                    GateConfig(familiarity="units", min_unit_surprise=-1, min_novelty=0, min_learnability=-1))
     assert new.unit_surprise > known.unit_surprise  # the known fact's units are predictable
     assert new.learnability > noise.learnability  # noise is surprising but barely learnable
     dup = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW], [NEW], GateConfig())[0]
@@ -66,7 +66,7 @@ def test_gate_off_writes_everything_and_gate_on_skips_exact_duplicates(tiny):
     off = make_learner("c2w-no-gate", tiny, cfg)
     off.observe(0, obs)
     assert off.written_ids == {"a", "b"}
-    on = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), GateConfig(min_unit_surprise=-1, min_learnability=-1))
+    on = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
     on.observe(0, obs)
     assert on.written_ids == {"a"} and [g["reason"] for g in on.gate_log] == ["write", "duplicate"]
 
@@ -81,18 +81,15 @@ def test_every_ablation_runs_within_budget(tiny, method):
     obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
     learner.observe(0, obs)
     learner.end_episode(0)
-    # wake + sleep never exceed the episode's budget (a rehearsal batch may overrun sleep's share
-    # by at most its own length: it is not cut)
-    rehearsal_step = learner.c2w.rehearsal_batch * max((len(s) for s in learner.rehearsal[0]), default=0) \
-        if learner.rehearsal else 0
-    assert learner.cost.trained_tokens <= 80 + rehearsal_step
+    # wake + sleep never exceed the episode's budget, rehearsal included
+    assert learner.cost.trained_tokens <= 80
     assert learner.cost.trained_tokens > 0
 
 
 def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     # exact duplicates are turned away by novelty alone (the other signals are switched off here)
     cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)
-    gate = GateConfig(min_unit_surprise=-1, min_learnability=-1)
+    gate = GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1)
     learner = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), gate)
     a, b = "Mira Talvik was born in Oskeln.", "Pell Odrin works for Vask."
     learner.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
@@ -108,7 +105,8 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
 
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     params = bank.fast_params()
-    cfg_base, cfg_cur = GateConfig(min_novelty=0, familiarity_on_base=True), GateConfig(min_novelty=0)
+    cfg_base = GateConfig(familiarity="units", min_novelty=0, familiarity_on_base=True)
+    cfg_cur = GateConfig(familiarity="units", min_novelty=0, familiarity_on_base=False)
     before = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_base)[0].unit_surprise
     ids, att = collate(schooled.tokenizer, [NEW], 64, schooled.device)
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -143,3 +141,51 @@ def test_rehearsal_openers_mix_fact_asking_prompts_in():
     mixed = openers(True)
     assert set(mixed) == set(OPENERS) | set(FACT_OPENERS) and len(mixed) == len(OPENERS) + len(FACT_OPENERS)
     assert set(mixed[1:16:2]) == set(FACT_OPENERS)  # interleaved, so a small sample holds both kinds
+
+
+def test_cloze_pairs_ask_for_every_name_from_the_rest_of_its_sentence():
+    from c2w.memory.gate import cloze_pairs
+
+    pairs = cloze_pairs(["Kampala is the capital city of Uganda.", "no names here"])
+    assert pairs == [(0, "Question: What is the capital city of Uganda?\nAnswer:", " Kampala"),
+                     (0, "Question: Kampala is the capital city of what?\nAnswer:", " Uganda")]
+
+
+@pytest.fixture(scope="module")
+def schooled_qa(tiny):
+    """The tiny model schooled on templated facts, KNOWN among them, and on their question views:
+    it can answer questions about what it knows, which is what the `cloze` rule asks of it."""
+    from c2w.memory.views import mechanical_views
+
+    rng = random.Random(0)
+    corpus = [f"{n} Moor was born in the town of {t}." for n, t in zip(NAMES, TOWNS)]
+    corpus += [v for s in corpus for v in mechanical_views(s) if v.startswith("Question:")]
+    learner = FullFTLearner(tiny, LearnerConfig(lr=3e-3, token_budget=len(corpus) * 20 * 30, batch_size=8, seed=0))
+    learner.observe(0, [Observation(f"p{k}", 0, s) for k, s in enumerate(rng.sample(corpus, len(corpus)))])
+    model = learner.model.requires_grad_(False).eval()
+    return Backbone(model, tiny.tokenizer, "tiny-schooled-qa", tiny.device)
+
+
+def test_the_cloze_rule_finds_the_known_fact_familiar_and_the_new_one_not(schooled_qa):
+    from c2w.memory.gate import cloze_familiarity
+
+    known, new, none = cloze_familiarity(schooled_qa.model, schooled_qa.tokenizer, [KNOWN, NEW, "no names here"])
+    assert new > known + 2.0  # every part of the known fact is predictable from the rest; not so the new one
+    assert none == float("inf")  # nothing to ask about: never "known"
+    cfg = GateConfig(familiarity="cloze", cloze_threshold=(known + new) / 2, min_novelty=0, min_learnability=-1)
+    bank = AdapterBank(schooled_qa.model, lora_config(LearnerConfig()))
+    k, n, z = score_texts(bank.model, schooled_qa.tokenizer, bank.fast_params(), [KNOWN, NEW, NOISE], [], cfg)
+    assert (k.reason, n.reason) == ("known", "write")
+    assert z.unit_surprise == float("inf")  # noise names nothing: never "known" (learnability's business)
+
+
+@pytest.mark.parametrize("wake_rehearsal", [False, True])
+def test_rehearsal_never_overruns_the_budget(tiny, wake_rehearsal):
+    # a budget smaller than one rehearsal batch: the batch must be cut, not trained whole
+    cfg = LearnerConfig(lr=1e-3, token_budget=60, batch_size=2, seed=0)
+    c2w = C2WConfig(gate=False, paraphrase=False, n_rehearsal=4, rehearsal_batch=4, wake_rehearsal=wake_rehearsal)
+    learner = C2WLearner(tiny, cfg, c2w)
+    assert sum(len(s) for s in learner.rehearsal[0]) > 60 * (1 - c2w.wake_share)  # the batch alone would overrun sleep
+    learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
+    learner.end_episode(0)
+    assert 0 < learner.cost.trained_tokens <= 60

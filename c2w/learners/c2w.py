@@ -13,6 +13,7 @@ sleep (end):     refresh replay priorities -> train fast on prioritised replay o
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import torch
@@ -24,7 +25,7 @@ from c2w.learners.lora import lora_config
 from c2w.learners.train import epoch_sampler, write_texts
 from c2w.memory.bank import FAST, AdapterBank
 from c2w.memory.buffer import EpisodicBuffer, Entry
-from c2w.memory.gate import score_texts, text_signals
+from c2w.memory.gate import cloze_pairs, score_texts, text_signals
 from c2w.memory.rehearsal import openers, rehearsal_loss, sample_rehearsal, teacher_logprobs
 from c2w.memory.views import build_views, paraphrases
 
@@ -53,7 +54,7 @@ class C2WLearner(Learner):
         self.flops_per_token = 4 * n + 6 * self.bank.n_trainable()
         self.cost.trainable_params = self.bank.n_trainable()
         self.rehearsal = None
-        if self.c2w.sleep and self.c2w.rehearsal:
+        if self.c2w.rehearsal and (self.c2w.sleep or self.c2w.wake_rehearsal):
             with self.bank.model.disable_adapter():
                 seqs = sample_rehearsal(self.bank.model, self.tokenizer, self.c2w.n_rehearsal, seed=cfg.seed,
                                         prompts=openers(self.c2w.rehearsal_facts))
@@ -72,9 +73,7 @@ class C2WLearner(Learner):
         texts = [o.text for o in obs]
         if self.c2w.gate:
             scores = score_texts(self.bank.model, self.tokenizer, self.params, texts, self.buffer.texts(), self.gate_cfg)
-            n_tok = sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
-            passes = 5 if self.gate_cfg.familiarity_on_base else 4  # signals (+ on the base) + trial step (fwd, bwd, fwd)
-            self.cost.flops += self.flops_fwd * n_tok * passes
+            self.cost.flops += self.flops_fwd * self._gate_tokens(texts, scores)
             self.gate_log += [{"id": o.id, "episode": episode, **dataclasses.asdict(s)} for o, s in zip(obs, scores)]
             self.share = sum(s.write for s in scores) / len(obs)
             obs = [o for o, s in zip(obs, scores) if s.write]
@@ -91,11 +90,23 @@ class C2WLearner(Learner):
         self.written_ids.update(o.id for o in obs)
         views = [v for e in entries for v in e.views]
         budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
-                               self.cost, self.flops_per_token, self.cfg.progress_points, self._penalty)
+                               self.cost, self.flops_per_token, self.cfg.progress_points, extra)
 
-    def _penalty(self) -> tuple[torch.Tensor, int]:
+    def _gate_tokens(self, texts: list[str], scores) -> int:
+        """Forward-pass tokens the gate spent: the signals pass (and one on the base) on every text
+        but duplicates, the cloze questions, and the trial step (fwd, bwd, fwd) where it ran."""
+        n_tok = lambda ts: sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in ts)  # noqa: E731
+        scored = [t for t, s in zip(texts, scores) if math.isfinite(s.surprise)]
+        tried = [t for t, s in zip(texts, scores) if math.isfinite(s.learnability)]
+        total = n_tok(scored) * (2 if self.gate_cfg.familiarity_on_base else 1) + 3 * n_tok(tried)
+        if self.gate_cfg.familiarity == "cloze":
+            total += sum(len(self.tokenizer(q + a, add_special_tokens=False).input_ids) for _, q, a in cloze_pairs(scored))
+        return total
+
+    def _penalty(self, left: int = 0) -> tuple[torch.Tensor, int]:
         """Orthogonality of the fast update to the slow subspace (O-LoRA): sum_l |A_slow A_fast^T|^2."""
         if not self.c2w.orthogonal or self.bank.slow is None:
             return torch.zeros(()), 0
@@ -103,6 +114,23 @@ class C2WLearner(Learner):
         fast = self.bank.lora_pairs(FAST)
         pen = sum(((a_s.detach() @ a_f.T) ** 2).sum() for (a_s, _), (a_f, _) in zip(slow, fast))
         return self.c2w.orthogonal * pen, 0
+
+    def _rehearse(self, left: int) -> tuple[torch.Tensor, int]:
+        """The penalty plus KL to the base on a few of its own samples, with the tokens they cost:
+        never more than `left`, so that the episode's budget is never overrun."""
+        pen, _ = self._penalty()
+        if self.rehearsal is None:
+            return pen, 0
+        seqs, teach = self.rehearsal
+        picked, n = [], 0
+        for i in self.rng.sample(range(len(seqs)), min(self.c2w.rehearsal_batch, len(seqs))):
+            if n + len(seqs[i]) <= left:
+                picked.append(i)
+                n += len(seqs[i])
+        if not picked:
+            return pen, 0
+        kl = rehearsal_loss(self.bank.model, [seqs[i] for i in picked], [teach[i] for i in picked])
+        return pen + self.c2w.rehearsal_weight * kl, n
 
     # --- sleep ----------------------------------------------------------------------------------
     def end_episode(self, episode: int) -> None:
@@ -124,18 +152,9 @@ class C2WLearner(Learner):
             picked = self.buffer.sample(self.cfg.batch_size, self.rng, self.c2w.prioritised)
             return [self.rng.choice(e.views) for e in picked]
 
-        def extra() -> tuple[torch.Tensor, int]:
-            pen, _ = self._penalty()
-            if self.rehearsal is None:
-                return pen, 0
-            seqs, teach = self.rehearsal
-            k = self.rng.sample(range(len(seqs)), self.c2w.rehearsal_batch)
-            kl = rehearsal_loss(self.bank.model, [seqs[i] for i in k], [teach[i] for i in k])
-            return pen + self.c2w.rehearsal_weight * kl, sum(len(seqs[i]) for i in k)
-
         if budget > 0 and (self.c2w.replay or self.rehearsal is not None):
             for _ in write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
-                                 self.cfg.max_len, self.cost, self.flops_per_token, 0, extra):
+                                 self.cfg.max_len, self.cost, self.flops_per_token, 0, self._rehearse):
                 pass
         self.bank.consolidate()
         self._new_optimizer()

@@ -23,14 +23,14 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
 def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
                 flops_per_token: float, progress_points: int = 0,
-                extra_loss: Callable[[], tuple[torch.Tensor, int]] | None = None) -> Progress:
+                extra_loss: Callable[[int], tuple[torch.Tensor, int]] | None = None) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
     Every batch's real (non-pad) tokens count, replayed ones included, and the last batch is cut so
     that the budget is never exceeded (methods compared at one budget spend the same tokens). Yields
     (steps, tokens) when the spent budget crosses k/(progress_points+1), k = 1..progress_points.
-    `extra_loss()` adds a term to every step (a penalty, or a rehearsal loss) with the tokens it
-    trained on (0 for a penalty).
+    `extra_loss(left)` adds a term to every step (a penalty, or a rehearsal loss) with the tokens it
+    trained on (0 for a penalty), at most `left`, the budget still unspent.
     """
     dev = next(model.parameters()).device
     used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
@@ -38,7 +38,7 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
         t0 = time.perf_counter()
         loss, n = torch.zeros((), device=dev), 0
         if extra_loss is not None:
-            loss, n = extra_loss()
+            loss, n = extra_loss(token_budget - used)
         batch = sample_batch()
         if batch:
             ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)

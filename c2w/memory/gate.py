@@ -2,16 +2,21 @@
 
 Signals per text (on the current model, fast + slow adapters active; familiarity optionally on the base):
 - surprise: mean next-token NLL of the text;
-- familiarity: how predictable the text's content is, two rules (`GateConfig.familiarity`):
-  - `units` (default): the largest summed NLL over the content units (names, numbers, the last
-    word) after the first 3 tokens. A fact the model knows has every unit predictable; a new fact
-    has at least one surprising unit. Known facts often still score high through their first
-    name, and lower-case answers ("likes black") are not units;
+- familiarity: how predictable the text's content is, three rules (`GateConfig.familiarity`):
+  - `cloze` (default, on the frozen base): the largest summed NLL of a name or number asked for
+    from the rest of its sentence ("Question: What is the capital city of Uganda?\nAnswer:" ->
+    " Kampala"). A fact the base knows has every part predictable from the others, in any order;
+    a new fact has a part nothing predicts. On validation seeds 1000-1001 the known records of the
+    gate-stress stream cost 4.7-12.7 nats, the cheapest new fact 26.4 (`scripts/gate_signals.py`);
+  - `units`: the largest summed NLL over the content units (names, numbers, the last word) after
+    the first 3 tokens, read left to right. It cannot see that "Kampala" in "Kampala is the
+    capital city of Uganda." is known: nothing comes before it. It let 11 of 12 known records
+    through on the stress stream (BENCHMARKS.md);
   - `words`: the largest NLL of any word after the first content unit (the topic, which nothing
-    before it can predict), on the frozen base when `familiarity_on_base`. It stops the known
-    facts a 135M base really predicts (capital cities: <= 5.6 nats on validation) and turns away
-    a few new facts whose every word after the topic is cheap ("X was established in 1973").
-    Measured in BENCHMARKS.md, where it lost on the reported seeds; not the default.
+    before it can predict). It stops the known facts a 135M base predicts left to right (capital
+    cities: <= 5.6 nats on validation) and turns away a few new facts whose every word after the
+    topic is cheap ("X was established in 1973"). Measured in BENCHMARKS.md, where it lost on the
+    reported seeds.
   Mean NLL alone does not separate known from new (a short known fact with a rare first word is
   "surprising");
 - uncertainty: mean predictive entropy over the text's positions;
@@ -19,13 +24,14 @@ Signals per text (on the current model, fast + slow adapters active; familiarity
   episode (exact and near duplicates score ~0);
 - learnability: relative fall of the text's NLL after one trial gradient step on it, undone
   afterwards. Facts in fluent language drop fast; random noise is surprising but barely moves.
-Decision: write when novelty, unit surprise and learnability all clear their thresholds;
+Decision: write when novelty, familiarity and learnability all clear their thresholds;
 optionally keep only the top-k by surprise x learnability (budget-aware). Thresholds were set on
-the validation stream (seed 1000) only.
+validation streams (seeds 1000 and up) only.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -35,6 +41,9 @@ from c2w.config import GateConfig  # noqa: F401  (re-exported)
 from c2w.evaluation.scoring import normalise
 from c2w.fast import lm_loss
 from c2w.learners.train import collate
+from c2w.memory.views import MAX_SPANS, ask, salient_spans, sentences
+
+RULES = ("units", "words", "cloze")
 
 
 @dataclass
@@ -76,9 +85,11 @@ def content_units(text: str) -> list[tuple[int, int]]:
 def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: str = "units") -> list[tuple[float, float, float]]:
     """(mean NLL, mean entropy, familiarity) per text. Familiarity, `units`: the largest summed NLL
     over content units after the first 3 tokens; `words`: the largest NLL of a word after the first
-    content unit (every word but the first if none follows it). inf when there is nothing to score."""
-    if rule not in ("units", "words"):
-        raise ValueError(f"familiarity rule must be 'units' or 'words', got {rule!r}")
+    content unit (every word but the first if none follows it); `cloze`: see `cloze_familiarity`.
+    inf when there is nothing to score."""
+    if rule not in RULES:
+        raise ValueError(f"familiarity rule must be one of {RULES}, got {rule!r}")
+    cloze = cloze_familiarity(model, tokenizer, texts) if rule == "cloze" else None
     dev = next(model.parameters()).device
     out = []
     for t in texts:
@@ -101,9 +112,45 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: s
             words = [(w.start(), c) for w in _WORD.finditer(t) if (c := cost(*w.span())) is not None]
             # after the topic; if the topic ends the text, every word but the first
             scored = [c for start, c in words if start >= topic_end] or [c for _, c in words]
+        if cloze is not None:
+            scored = [cloze[len(out)]] if math.isfinite(cloze[len(out)]) else []
         out.append((nll.mean().item() if len(nll) else 0.0, ent.mean().item() if len(ent) else 0.0,
                     max(scored) if scored else float("inf")))
     return out
+
+
+def cloze_pairs(texts: list[str]) -> list[tuple[int, str, str]]:
+    """(text index, question, " answer") for every salient span of every sentence."""
+    return [(k, f"Question: {ask(sent, span)}\nAnswer:", " " + span)
+            for k, t in enumerate(texts) for sent in sentences(t) for span in salient_spans(sent)[:MAX_SPANS]]
+
+
+@torch.no_grad()
+def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
+    """Per text, the largest summed NLL of a salient span (name, number) given the rest of its
+    sentence as a question: "Question: Kampala is the capital city of what?\nAnswer:" -> " Uganda".
+    A fact the model knows has every part predictable from the others, in any order; reading left
+    to right cannot see that "Kampala" in "Kampala is the capital city of Uganda." is known, since
+    nothing comes before it. A new fact has a part nothing predicts. inf for a text without spans."""
+    pairs = cloze_pairs(texts)
+    dev = next(model.parameters()).device
+    worst = [float("-inf")] * len(texts)
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b: b + batch_size]
+        pre = [tokenizer(q, add_special_tokens=False).input_ids for _, q, _ in chunk]
+        ans = [tokenizer(a, add_special_tokens=False).input_ids for _, _, a in chunk]
+        L = max(len(p) + len(a) for p, a in zip(pre, ans))
+        ids = torch.zeros(len(chunk), L, dtype=torch.long)
+        att = torch.zeros(len(chunk), L, dtype=torch.long)
+        for r, (p, a) in enumerate(zip(pre, ans)):
+            ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+            att[r, : len(p) + len(a)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1)
+        for r, ((k, _, _), p, a) in enumerate(zip(chunk, pre, ans)):
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=dev)  # logits predicting the answer
+            cost = -logp[r, pos].gather(-1, torch.tensor(a, device=dev)[:, None]).sum().item()
+            worst[k] = max(worst[k], cost)
+    return [w if w > float("-inf") else float("inf") for w in worst]
 
 
 def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: float, max_len: int = 128) -> float:
@@ -125,29 +172,38 @@ def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: fl
 
 
 def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], cfg: GateConfig) -> list[GateScore]:
-    """Score an episode's texts in order; a text also counts as `stored` for those after it."""
-    seen = [_words(t) for t in stored]
-    out = []
-    sig = text_signals(model, tokenizer, texts, rule=cfg.familiarity)
-    if cfg.familiarity_on_base and hasattr(model, "disable_adapter"):
+    """Score an episode's texts in order; a text also counts as `stored` for those after it.
+    Duplicates are found from the words alone and cost no model pass (their other signals are nan)."""
+    if cfg.familiarity not in RULES:
+        raise ValueError(f"familiarity rule must be one of {RULES}, got {cfg.familiarity!r}")
+    seen, nov = [_words(t) for t in stored], []
+    for t in texts:
+        nov.append(novelty(t, seen))
+        seen.append(_words(t))
+    fresh = [k for k, n in enumerate(nov) if n >= cfg.min_novelty]
+    on_base = cfg.familiarity_on_base and hasattr(model, "disable_adapter")
+    # on the base, the current model's pass gives surprise and uncertainty only (`units` comes free with it)
+    sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule="units" if on_base else cfg.familiarity)
+    if on_base:
         with model.disable_adapter():
-            base_fam = [f for _, _, f in text_signals(model, tokenizer, texts, rule=cfg.familiarity)]
+            base_fam = [f for _, _, f in text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)]
         sig = [(s, u, f) for (s, u, _), f in zip(sig, base_fam)]
-    for t, (s, u, unit) in zip(texts, sig):
-        nov = novelty(t, seen)
-        known = unit < cfg.familiarity_threshold
-        cheap_no = nov < cfg.min_novelty or known  # skip the trial step
-        lrn = float("nan") if cheap_no else learnability(model, tokenizer, params, t, cfg.trial_lr)
-        g = GateScore(s, u, unit, nov, lrn)
-        if nov < cfg.min_novelty:
-            g.reason = "duplicate"
-        elif known:
+    by_text = dict(zip(fresh, sig))
+    out = []
+    for k, t in enumerate(texts):
+        if k not in by_text:
+            out.append(GateScore(float("nan"), float("nan"), float("nan"), nov[k], float("nan"), reason="duplicate"))
+            continue
+        s, u, fam = by_text[k]
+        known = fam < cfg.familiarity_threshold
+        lrn = float("nan") if known else learnability(model, tokenizer, params, t, cfg.trial_lr)
+        g = GateScore(s, u, fam, nov[k], lrn)
+        if known:
             g.reason = "known"
         elif not lrn >= cfg.min_learnability:
             g.reason = "not learnable"
         else:
             g.write, g.reason = True, "write"
-        seen.append(_words(t))
         out.append(g)
     if cfg.top_k:
         ranked = sorted((k for k, g in enumerate(out) if g.write), key=lambda k: -out[k].surprise * out[k].learnability)

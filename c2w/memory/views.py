@@ -52,7 +52,7 @@ def sentences(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def _ask(sentence: str, span: str) -> str:
+def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
     q = sentence.rstrip(" .!?").replace(span, "what", 1)
     return q[:1].upper() + q[1:] + "?"
@@ -70,7 +70,7 @@ def mechanical_views(text: str, style: str = "cloze-qa") -> list[str]:
     for sent in sentences(text):
         for span in salient_spans(sent)[:MAX_SPANS]:
             views.append(f"{span}: {sent}")
-            views.append(f"Question: {_ask(sent, span)}\nAnswer: {span}.")
+            views.append(f"Question: {ask(sent, span)}\nAnswer: {span}.")
     return views
 
 
