@@ -60,7 +60,8 @@ class C2WConfig:
     wake_rehearsal: bool = field(default=False, metadata={"help": "also pull towards the base (rehearsal KL) during online writes, not only in sleep"})
     rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of the rehearsal KL"})
     # 4, not 2: on validation seeds 1000-1002 (6 x 4 preset) ACC 0.375 vs 0.262, forgetting 0.036 vs
-    # 0.253, learning accuracy 0.317 vs 0.380, control accuracy 0.44 vs 0.36 (BENCHMARKS.md, session 10).
+    # 0.253, learning accuracy 0.317 vs 0.380, control accuracy 0.44 vs 0.36. On reported seeds 0-5
+    # that gain did not carry over (ACC and forgetting unchanged; BENCHMARKS.md, session 10).
     rehearsal_batch: int = field(default=4, metadata={"help": "rehearsal sequences per sleep step"})
     n_rehearsal: int = field(default=16, metadata={"help": "rehearsal sequences sampled from the base at start"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})

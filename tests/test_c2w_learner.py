@@ -189,3 +189,11 @@ def test_rehearsal_never_overruns_the_budget(tiny, wake_rehearsal):
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     learner.end_episode(0)
     assert 0 < learner.cost.trained_tokens <= 60
+
+
+def test_cloze_familiarity_keeps_a_long_questions_end(tiny):
+    from c2w.memory.gate import cloze_familiarity
+
+    long = "Arlen " + "very " * 200 + "old was born in Ardon."
+    (fam,) = cloze_familiarity(tiny.model, tiny.tokenizer, [long], max_len=32)
+    assert 0 < fam < float("inf")  # scored within 32 tokens instead of failing or reading 400

@@ -1,6 +1,7 @@
 """The write gate: decide, from the text alone and the current model, what is worth writing.
 
-Signals per text (on the current model, fast + slow adapters active; familiarity optionally on the base):
+Signals per text (on the current model, fast + slow adapters active; familiarity on the frozen base by
+default, `familiarity_on_base`):
 - surprise: mean next-token NLL of the text;
 - familiarity: how predictable the text's content is, three rules (`GateConfig.familiarity`):
   - `cloze` (default, on the frozen base): the largest summed NLL of a name or number asked for
@@ -126,19 +127,21 @@ def cloze_pairs(texts: list[str]) -> list[tuple[int, str, str]]:
 
 
 @torch.no_grad()
-def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
+def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 128) -> list[float]:
     """Per text, the largest summed NLL of a salient span (name, number) given the rest of its
     sentence as a question: "Question: Kampala is the capital city of what?\nAnswer:" -> " Uganda".
     A fact the model knows has every part predictable from the others, in any order; reading left
     to right cannot see that "Kampala" in "Kampala is the capital city of Uganda." is known, since
-    nothing comes before it. A new fact has a part nothing predicts. inf for a text without spans."""
+    nothing comes before it. A new fact has a part nothing predicts. inf for a text without spans.
+    A question longer than `max_len` tokens keeps its end (the part next to the answer)."""
     pairs = cloze_pairs(texts)
     dev = next(model.parameters()).device
     worst = [float("-inf")] * len(texts)
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b: b + batch_size]
         pre = [tokenizer(q, add_special_tokens=False).input_ids for _, q, _ in chunk]
-        ans = [tokenizer(a, add_special_tokens=False).input_ids for _, _, a in chunk]
+        ans = [tokenizer(a, add_special_tokens=False).input_ids[: max_len // 2] for _, _, a in chunk]
+        pre = [p[-(max_len - len(a)):] for p, a in zip(pre, ans)]  # [B] lists; logits [B, <=max_len, V]
         L = max(len(p) + len(a) for p, a in zip(pre, ans))
         ids = torch.zeros(len(chunk), L, dtype=torch.long)
         att = torch.zeros(len(chunk), L, dtype=torch.long)
