@@ -84,12 +84,14 @@ C2W_ABLATIONS = [n for n in ABLATIONS if n != "c2w"]
 
 
 # --- the write gate (c2w/memory/gate.py) -------------------------------------------------------
+FAMILIARITY_RULES = ("units", "words", "cloze")
+
 @dataclass
 class GateConfig:
     # `cloze`, not `units`: on the validation stress streams (seeds 1000-1001) the base's cloze costs
     # put every known record at <= 12.7 nats and every new fact at >= 26.4; `units` let 11 of 12
     # known records through on the reported stress run of session 8 (BENCHMARKS.md).
-    familiarity: str = field(default="cloze", metadata={"help": "familiarity rule (see memory/gate.py)", "choices": ["units", "words", "cloze"]})
+    familiarity: str = field(default="cloze", metadata={"help": "familiarity rule (see memory/gate.py)", "choices": list(FAMILIARITY_RULES)})
     min_unit_surprise: float = field(default=4.0, metadata={"help": "`units`: write only if some content unit costs more nats than this (else: known)"})
     # 6.5: between the known facts the validation streams' base predicts (<= 5.6 nats) and their
     # cheapest new fact (7.6); scripts/gate_signals.py prints the table. Most "known" records of the
@@ -114,7 +116,7 @@ class GateConfig:
     @property
     def familiarity_threshold(self) -> float:
         """Nats below which a text counts as known, under the chosen familiarity rule."""
-        return {"units": self.min_unit_surprise, "words": self.min_word_surprise}.get(self.familiarity, self.cloze_threshold)
+        return {"units": self.min_unit_surprise, "words": self.min_word_surprise, "cloze": self.cloze_threshold}[self.familiarity]
 
 
 # --- `c2w bench` (c2w/bench.py) -----------------------------------------------------------------

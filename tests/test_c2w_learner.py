@@ -22,16 +22,23 @@ NEW = "Quentor Vilsk was born in the town of Sarnavel."
 NOISE = "xq7 zzpl 0k3v mrr8 qa1 vvd9 ktt2 wq0"
 
 
+CORPUS = [f"{n} Moor was born in the town of {t}." for n, t in zip(NAMES, TOWNS)]
+
+
+def school(tiny, corpus: list[str], token_budget: int, batch_size: int, name: str) -> Backbone:
+    """The tiny model after a little full fine-tuning on `corpus` (shuffled), frozen."""
+    rng = random.Random(0)
+    learner = FullFTLearner(tiny, LearnerConfig(lr=3e-3, token_budget=token_budget, batch_size=batch_size, seed=0))
+    learner.observe(0, [Observation(f"p{k}", 0, s) for k, s in enumerate(rng.sample(corpus, len(corpus)))])
+    model = learner.model.requires_grad_(False).eval()
+    return Backbone(model, tiny.tokenizer, name, tiny.device)
+
+
 @pytest.fixture(scope="module")
 def schooled(tiny):
     """The tiny model after a little 'pretraining' on templated sentences, KNOWN among them, so
     that it has a language to be surprised by and a fact it already knows."""
-    rng = random.Random(0)
-    corpus = [f"{n} Moor was born in the town of {t}." for n, t in zip(NAMES, TOWNS)]
-    learner = FullFTLearner(tiny, LearnerConfig(lr=3e-3, token_budget=len(corpus) * 14 * 40, batch_size=6, seed=0))
-    learner.observe(0, [Observation(f"p{k}", 0, s) for k, s in enumerate(rng.sample(corpus, len(corpus)))])
-    model = learner.model.requires_grad_(False).eval()
-    return Backbone(model, tiny.tokenizer, "tiny-schooled", tiny.device)
+    return school(tiny, CORPUS, len(CORPUS) * 14 * 40, 6, "tiny-schooled")
 
 
 def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
@@ -157,13 +164,8 @@ def schooled_qa(tiny):
     it can answer questions about what it knows, which is what the `cloze` rule asks of it."""
     from c2w.memory.views import mechanical_views
 
-    rng = random.Random(0)
-    corpus = [f"{n} Moor was born in the town of {t}." for n, t in zip(NAMES, TOWNS)]
-    corpus += [v for s in corpus for v in mechanical_views(s) if v.startswith("Question:")]
-    learner = FullFTLearner(tiny, LearnerConfig(lr=3e-3, token_budget=len(corpus) * 20 * 30, batch_size=8, seed=0))
-    learner.observe(0, [Observation(f"p{k}", 0, s) for k, s in enumerate(rng.sample(corpus, len(corpus)))])
-    model = learner.model.requires_grad_(False).eval()
-    return Backbone(model, tiny.tokenizer, "tiny-schooled-qa", tiny.device)
+    corpus = CORPUS + [v for s in CORPUS for v in mechanical_views(s) if v.startswith("Question:")]
+    return school(tiny, corpus, len(corpus) * 20 * 30, 8, "tiny-schooled-qa")
 
 
 def test_the_cloze_rule_finds_the_known_fact_familiar_and_the_new_one_not(schooled_qa):

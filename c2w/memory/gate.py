@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from c2w.config import GateConfig  # noqa: F401  (re-exported)
+from c2w.config import FAMILIARITY_RULES, GateConfig  # noqa: F401  (GateConfig re-exported)
 from c2w.evaluation.scoring import normalise
 from c2w.fast import lm_loss
 from c2w.learners.train import collate
 from c2w.memory.views import MAX_SPANS, ask, salient_spans, sentences
 
-RULES = ("units", "words", "cloze")
+RULES = FAMILIARITY_RULES
 
 
 @dataclass
@@ -93,7 +93,7 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: s
     cloze = cloze_familiarity(model, tokenizer, texts) if rule == "cloze" else None
     dev = next(model.parameters()).device
     out = []
-    for t in texts:
+    for i, t in enumerate(texts):
         enc = tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_len, return_offsets_mapping=True)
         ids = torch.tensor([enc.input_ids], device=dev)
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # [L-1, V]
@@ -105,16 +105,16 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: s
             toks = [k for k in range(first, len(offs)) if offs[k][0] < b and offs[k][1] > a]
             return float(sum(nll[k - 1] for k in toks)) if toks else None
 
-        units = content_units(t)
-        if rule == "units":
-            scored = [c for a, b in units if (c := cost(a, b, first=3)) is not None]
+        if cloze is not None:
+            scored = [cloze[i]] if math.isfinite(cloze[i]) else []
+        elif rule == "units":
+            scored = [c for a, b in content_units(t) if (c := cost(a, b, first=3)) is not None]
         else:
+            units = content_units(t)
             topic_end = units[0][1] if units else 0
             words = [(w.start(), c) for w in _WORD.finditer(t) if (c := cost(*w.span())) is not None]
             # after the topic; if the topic ends the text, every word but the first
             scored = [c for start, c in words if start >= topic_end] or [c for _, c in words]
-        if cloze is not None:
-            scored = [cloze[len(out)]] if math.isfinite(cloze[len(out)]) else []
         out.append((nll.mean().item() if len(nll) else 0.0, ent.mean().item() if len(ent) else 0.0,
                     max(scored) if scored else float("inf")))
     return out
@@ -177,8 +177,6 @@ def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: fl
 def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], cfg: GateConfig) -> list[GateScore]:
     """Score an episode's texts in order; a text also counts as `stored` for those after it.
     Duplicates are found from the words alone and cost no model pass (their other signals are nan)."""
-    if cfg.familiarity not in RULES:
-        raise ValueError(f"familiarity rule must be one of {RULES}, got {cfg.familiarity!r}")
     seen, nov = [_words(t) for t in stored], []
     for t in texts:
         nov.append(novelty(t, seen))
