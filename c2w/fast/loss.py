@@ -51,3 +51,22 @@ def _hf_loss(model, input_ids, attention_mask, loss_mask):
     mask = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     return (nll * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+
+
+def dense_loss(model, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum weight[b, t] * NLL(input_ids[b, t + 1] | input_ids[b, :t + 1]) / sum(weight), with no host
+    sync and fixed shapes, so that it can be captured in a CUDA graph (c2w.fast.graphed).
+
+    input_ids [B, L], right-padded; weight [B, L-1] float, 0 at pad targets and wherever no loss is
+    wanted. No packing: rows stay as they are, under a plain causal mask (right padding never reaches
+    a real token's keys). Llama-layout models only (llama.plan must cover the model).
+    """
+    p = llama.plan(model)
+    if p is None:
+        raise ValueError("dense_loss needs a Llama-layout model (plain or PEFT LoRA) that c2w.fast.llama covers")
+    B, L = input_ids.shape
+    pos = torch.arange(L, device=input_ids.device).expand(B, L)
+    h = llama.hidden(p, llama.Packed(input_ids, pos, None, [], []))  # [B*L, d]
+    h = h.view(B, L, -1)[:, :-1].reshape(B * (L - 1), -1)
+    w = weight.reshape(-1).float()
+    return llama.linear_ce(h, p.head, input_ids[:, 1:].reshape(-1), w.sum().clamp(min=1.0), weight=w)
