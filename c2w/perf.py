@@ -215,6 +215,9 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
         l_fast = dense_loss(fast_m, ids, weight) if graphs else lm_loss(fast_m, ids, att, att.bool())
     l_plain.backward()
     l_fast.backward()
+    # keep floats, not the losses: a live autograd graph from the default stream would pin its
+    # gradient accumulators to that stream, and a CUDA graph captured later could not use them
+    l_plain, l_fast = l_plain.item(), l_fast.item()
     gdiff = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp(min=1e-12)) for a, b in zip(fp, pp))
     plain_opt.zero_grad(set_to_none=True)
     fast_opt.zero_grad(set_to_none=True)
@@ -232,8 +235,8 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     flops = n_real * (4 * n_params + 6 * trainable)
     stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
                      repeats, peak)
-    return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain.item(), loss_c2w=l_fast.item(),
-                   loss_abs_diff=abs(l_plain.item() - l_fast.item()), grad_max_rel_diff=gdiff, cuda_graph=graphs, **extra)
+    return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain, loss_c2w=l_fast,
+                   loss_abs_diff=abs(l_plain - l_fast), grad_max_rel_diff=gdiff, cuda_graph=graphs, **extra)
 
 
 class _null:

@@ -11,8 +11,10 @@ captured graph launches them all at once. The price: fixed shapes. A step takes 
 
 Capture runs `warmup` eager steps on a side stream (CUDA's allocator and cuBLAS need them), then
 records one step; parameters and optimiser state are put back afterwards, so the first replay is
-the first real step. Rules while a GraphedWriteStep is live: don't set the params' .grad to None
-(the graph owns those buffers), and a new learning rate needs a new capture (it is baked in).
+the first real step. Rules: at capture, no autograd graph over these params built on another
+stream may still be alive (keep loss.item(), not the loss: its graph pins the params' gradient
+accumulators to that stream, and the capture fails); while a GraphedWriteStep is live, don't set
+the params' .grad to None (the graph owns those buffers); a new learning rate needs a new capture.
 CUDA only; c2w.fast.lm_loss is the path everywhere else.
 """
 
