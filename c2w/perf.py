@@ -226,15 +226,18 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
         from c2w.fast.graphed import GraphedWriteStep
 
         t = time.perf_counter()
-        step = GraphedWriteStep(fast_m, fp, fast_opt, B, L)
-        _sync(dev)
+        with PeakMem(dev) as pm:  # a replay allocates nothing: the step's memory is taken here, at capture
+            step = GraphedWriteStep(fast_m, fp, fast_opt, B, L)
         extra["capture_s"] = time.perf_counter() - t
+        extra["capture_peak_mb"] = pm.peak_bytes / 2 ** 20
         fast = lambda: step(ids, att)  # noqa: E731
     n_real = int(att.sum())
     trainable = sum(p.numel() for p in fp)
     flops = n_real * (4 * n_params + 6 * trainable)
     stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
                      repeats, peak)
+    if graphs:
+        stats["c2w"]["peak_mem_mb"] = max(stats["c2w"]["peak_mem_mb"], extra["capture_peak_mb"])
     return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain, loss_c2w=l_fast,
                    loss_abs_diff=abs(l_plain - l_fast), grad_max_rel_diff=gdiff, cuda_graph=graphs, **extra)
 
