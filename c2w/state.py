@@ -223,7 +223,7 @@ def _write_version(learner: C2WLearner, vdir: Path, meta: dict) -> None:
         "generation": learner.bank.generation, "sleeps": learner.sleeps, "cost": dataclasses.asdict(learner.cost),
         "written_ids": sorted(learner.written_ids), "gate_log": learner.gate_log,
         "rng": [rng[0], list(rng[1]), rng[2]]})
-    torch.save({"rehearsal": learner.rehearsal}, vdir / "rehearsal.pt")
+    torch.save({"rehearsal": learner.rehearsal, "neighbours": learner.neighbours}, vdir / "rehearsal.pt")
     torch.save(learner.opt.state_dict(), vdir / "optimizer.pt")
     _write_json(vdir / "status.json", {"meta": meta, "summary": _summary(learner)})
     _fsync_tree(vdir)
@@ -318,7 +318,8 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     status = _read_json(vdir / "status.json")
     lj = _read_json(vdir / "learner.json")
     buf = _read_json(vdir / "buffer.json")
-    reh = torch.load(vdir / "rehearsal.pt", weights_only=True)["rehearsal"] if rehearsal else None
+    stored = torch.load(vdir / "rehearsal.pt", weights_only=True) if rehearsal else {}
+    reh = stored.get("rehearsal")
 
     bb = load_backbone(cfg["backbone"]["name"], device=device)
     if bb.n_params != cfg["backbone"]["n_params"]:
@@ -328,6 +329,7 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     learner = C2WLearner(bb, lc, dataclasses.replace(cc, rehearsal=False), gc)
     learner.c2w = cc
     learner.rehearsal = reh
+    learner.neighbours = [tuple(x) for x in stored.get("neighbours", [])]
 
     bank, dev = learner.bank, bb.device
     slow = cfg["adapters"]["slow"]

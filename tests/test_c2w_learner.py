@@ -199,3 +199,37 @@ def test_cloze_familiarity_keeps_a_long_questions_end(tiny):
     long = "Arlen " + "very " * 200 + "old was born in Ardon."
     (fam,) = cloze_familiarity(tiny.model, tiny.tokenizer, [long], max_len=32)
     assert 0 < fam < float("inf")  # scored within 32 tokens instead of failing or reading 400
+
+
+def test_neighbour_prompts_ask_the_facts_questions_about_other_names():
+    from c2w.memory.rehearsal import neighbour_prompts
+
+    rng = random.Random(0)
+    ps = neighbour_prompts("Mira Talvik was born in Oskeln. She works at Dernoln Mills.", ["Berlin"], rng, 10)
+    # each span asked as a question, and the sentence cut before it, with the other name swapped;
+    # a cut with nothing left to swap, and the one-name second sentence, give none
+    assert sorted(ps) == sorted(["Question: Berlin was born in what?\nAnswer:", "Berlin was born in",
+                                 "Question: What was born in Berlin?\nAnswer:"])
+    assert len(neighbour_prompts("Mira Talvik was born in Oskeln.", ["Berlin"], rng, 1)) == 1
+    assert neighbour_prompts("Mira Talvik works as a potter.", ["Berlin"], rng, 4) == []  # one span: nothing to swap
+    assert neighbour_prompts("Mira Talvik was born in Oskeln.", [], rng, 4) == []
+
+
+def test_known_names_are_names_inside_sentences(tiny):
+    from c2w.memory.rehearsal import known_names
+
+    ids = tiny.tokenizer("Once upon a time Joseph Sobka lived in Berlin. Many people came to Berlin.",
+                         return_tensors="pt").input_ids[0]
+    assert known_names(tiny.tokenizer, [ids]) == ["Joseph Sobka", "Berlin"]
+
+
+def test_neighbour_rehearsal_distils_the_base_on_neighbours_within_budget(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=400, batch_size=2, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=4, neighbour_rehearsal=True))
+    learner._names = ["Berlin"]
+    learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
+    assert len(learner.neighbours) == C2WConfig().neighbours_per_text
+    for seq, (v, i) in learner.neighbours:
+        assert "Berlin" in tiny.tokenizer.decode(seq) and v.shape[0] == len(seq)
+    learner.end_episode(0)
+    assert 0 < learner.cost.trained_tokens <= 400

@@ -26,7 +26,8 @@ from c2w.learners.train import epoch_sampler, write_texts
 from c2w.memory.bank import FAST, AdapterBank
 from c2w.memory.buffer import EpisodicBuffer, Entry
 from c2w.memory.gate import cloze_pairs, score_texts, text_signals
-from c2w.memory.rehearsal import openers, rehearsal_loss, sample_rehearsal, teacher_logprobs
+from c2w.memory.rehearsal import (known_names, neighbour_prompts, openers, rehearsal_loss, sample_rehearsal,
+                                   teacher_logprobs)
 from c2w.memory.views import build_views, paraphrases
 
 
@@ -54,6 +55,8 @@ class C2WLearner(Learner):
         self.flops_per_token = 4 * n + 6 * self.bank.n_trainable()
         self.cost.trainable_params = self.bank.n_trainable()
         self.rehearsal = None
+        self.neighbours: list = []  # (sequence, base top-k log-probs) of neighbour prompts, as written
+        self._names: list[str] | None = None
         if self.c2w.rehearsal and (self.c2w.sleep or self.c2w.wake_rehearsal):
             with self.bank.model.disable_adapter():
                 seqs = sample_rehearsal(self.bank.model, self.tokenizer, self.c2w.n_rehearsal, seed=cfg.seed,
@@ -88,6 +91,8 @@ class C2WLearner(Learner):
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)
+        if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
+            self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
         budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
         extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
@@ -106,6 +111,19 @@ class C2WLearner(Learner):
             total += sum(len(self.tokenizer(q + a, add_special_tokens=False).input_ids) for _, q, a in cloze_pairs(scored))
         return total
 
+    def _add_neighbours(self, texts: list[str]) -> None:
+        """The base's answers to the written texts' questions asked about other names (rehearsal.py)."""
+        if self._names is None:
+            self._names = known_names(self.tokenizer, self.rehearsal[0])
+        prompts = [q for t in texts for q in neighbour_prompts(t, self._names, self.rng, self.c2w.neighbours_per_text)]
+        if not prompts:
+            return
+        with self.bank.model.disable_adapter():
+            seqs = sample_rehearsal(self.bank.model, self.tokenizer, len(prompts), max_new_tokens=8,
+                                    seed=self.rng.randrange(2 ** 31), prompts=prompts)
+            self.neighbours += list(zip(seqs, teacher_logprobs(self.bank.model, seqs)))
+        self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + teacher pass
+
     def _penalty(self, left: int = 0) -> tuple[torch.Tensor, int]:
         """Orthogonality of the fast update to the slow subspace (O-LoRA): sum_l |A_slow A_fast^T|^2."""
         if not self.c2w.orthogonal or self.bank.slow is None:
@@ -122,14 +140,17 @@ class C2WLearner(Learner):
         if self.rehearsal is None:
             return pen, 0
         seqs, teach = self.rehearsal
+        k = self.c2w.rehearsal_batch
+        pool = self.rng.sample(self.neighbours, min(k // 2, len(self.neighbours))) if self.neighbours else []
+        pool += [(seqs[i], teach[i]) for i in self.rng.sample(range(len(seqs)), min(k - len(pool), len(seqs)))]
         picked, n = [], 0
-        for i in self.rng.sample(range(len(seqs)), min(self.c2w.rehearsal_batch, len(seqs))):
-            if n + len(seqs[i]) <= left:
-                picked.append(i)
-                n += len(seqs[i])
+        for s, t in pool:
+            if n + len(s) <= left:
+                picked.append((s, t))
+                n += len(s)
         if not picked:
             return pen, 0
-        kl = rehearsal_loss(self.bank.model, [seqs[i] for i in picked], [teach[i] for i in picked])
+        kl = rehearsal_loss(self.bank.model, [s for s, _ in picked], [t for _, t in picked])
         return pen + self.c2w.rehearsal_weight * kl, n
 
     # --- sleep ----------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ generic and share nothing with the evaluation's control probes or held-out text.
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
+
+from c2w.memory.views import MAX_SPANS, ask, salient_spans, sentences
 
 OPENERS = [
     "Once upon a time", "The history of", "In the morning, I", "Scientists have found that", "A good recipe for",
@@ -91,3 +95,48 @@ def rehearsal_loss(model, seqs: list[torch.Tensor], teacher: list[tuple[torch.Te
         total = total + F.kl_div(cur, tv, log_target=True, reduction="sum")
         n += ln
     return total / max(n, 1)
+
+
+# --- neighbour rehearsal: locality for the facts being written ---------------------------------
+# A write teaches "this slot takes a name of the new kind" more than "this subject has this value"
+# (session 10: "The capital of Russia is" -> an invented name from the stream). Editing methods
+# guard against that with a KL term on neighbouring prompts (the same relation, other subjects).
+# Here the neighbours come from the written text alone: each of its questions (a name or number
+# asked for from the rest of its sentence) is asked again with every other name replaced by a name
+# the base itself wrote in its rehearsal samples, and the base's own answer is distilled back.
+
+
+def known_names(tokenizer, seqs: list[torch.Tensor]) -> list[str]:
+    """Names in the base's own rehearsal samples: capitalised spans inside a sentence (a capital at a
+    sentence's start marks the sentence, not a name), no numbers, de-duplicated."""
+    out: list[str] = []
+    for s in seqs:
+        for sent in sentences(tokenizer.decode(s, skip_special_tokens=True).replace("\n", " ")):
+            for sp in salient_spans(sent):
+                if (not sp[0].isdigit() and not sent.startswith(sp) and sp not in out
+                        and not {"Question", "Answer", "I", "I'm", "I'll", "I've"} & set(sp.split())):
+                    out.append(sp)
+    return out
+
+
+def neighbour_prompts(text: str, names: list[str], rng: random.Random, k: int) -> list[str]:
+    """Up to k prompts that ask what `text` states about other subjects: per sentence and asked-for
+    span, the question ("Question: <sentence with the span as 'what'>?\nAnswer:") and the sentence
+    cut before the span, each with every other span replaced by a random name from `names`. Forms
+    with no other span to replace are skipped: they would ask the written fact itself."""
+    if not names or k <= 0:
+        return []
+    cands: list[tuple[str, list[str]]] = []
+    for sent in sentences(text):
+        spans = salient_spans(sent)[:MAX_SPANS]
+        for a in spans:
+            others = [o for o in spans if o != a and o not in a and a not in o]
+            forms = [f"Question: {ask(sent, a)}\nAnswer:", sent[:sent.index(a)].rstrip()]
+            cands += [(f, [o for o in others if o in f]) for f in forms]
+    cands = [(f, os_) for f, os_ in cands if os_]
+    out = []
+    for f, others in rng.sample(cands, min(k, len(cands))):
+        for o in others:
+            f = f.replace(o, rng.choice(names))
+        out.append(f)
+    return out
