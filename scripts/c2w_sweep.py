@@ -1,6 +1,7 @@
 """Compare c2w design variants on the validation seed only (never a reported seed).
 
-Each variant is NAME=JSON with keys from C2WConfig, GateConfig (prefixed "gate."), or "lr":
+Each variant is NAME=JSON with keys from C2WConfig, GateConfig (prefixed "gate."), LearnerConfig
+(prefixed "learner.", e.g. "learner.lora_targets": "gate_proj,up_proj,down_proj"), or "lr":
 
     .venv/bin/python scripts/c2w_sweep.py 'base={}' 'qa={"view_style": "cloze-qa"}' 'lr3={"lr": 0.003}'
     .venv/bin/python scripts/c2w_sweep.py --seeds 1000,1001,1002 'c2w={}' 'no-orth={"orthogonal": 0}'
@@ -44,8 +45,9 @@ def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
     o = dict(overrides)
     lr = o.pop("lr", None)
     gate = GateConfig(**{k[5:]: o.pop(k) for k in list(o) if k.startswith("gate.")})
+    lc = dataclasses.replace(learner_config(cfg, "c2w", seed, lr), **{k[8:]: o.pop(k) for k in list(o) if k.startswith("learner.")})
     t0 = time.perf_counter()
-    learner = C2WLearner(bb, learner_config(cfg, "c2w", seed, lr), dataclasses.replace(C2WConfig(), **o), gate)
+    learner = C2WLearner(bb, lc, dataclasses.replace(C2WConfig(), **o), gate)
     r = run_learner(learner, ctx, base)
     return {"acc": r["acc"], "learning_accuracy": r["learning_accuracy"], "bwt": r["bwt"], "forgetting": r["forgetting"],
             "control_acc": r["locality"]["control_acc"], "kl": r["locality"]["kl"], "updates": r["updates"],

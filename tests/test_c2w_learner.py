@@ -233,3 +233,14 @@ def test_neighbour_rehearsal_distils_the_base_on_neighbours_within_budget(tiny):
         assert "Berlin" in tiny.tokenizer.decode(seq) and v.shape[0] == len(seq)
     learner.end_episode(0)
     assert 0 < learner.cost.trained_tokens <= 400
+
+
+def test_lora_targets_take_a_comma_list_and_c2w_runs_on_mlp_only_adapters(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0, lora_targets="gate_proj, up_proj,down_proj")
+    assert sorted(lora_config(cfg).target_modules) == ["down_proj", "gate_proj", "up_proj"]
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=2))
+    learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
+    learner.end_episode(0)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in learner.model.named_parameters() if ".lora_A" in n}
+    assert adapted == {"gate_proj", "up_proj", "down_proj"}
+    assert 0 < learner.cost.trained_tokens <= 200

@@ -14,7 +14,12 @@ from c2w.learners.train import epoch_sampler, write_texts
 
 
 def lora_config(cfg) -> LoraConfig:
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
+    """cfg.lora_targets: "all-linear", a comma list of module names ("gate_proj,up_proj,down_proj"),
+    or anything PEFT's target_modules takes."""
+    t = cfg.lora_targets
+    if isinstance(t, str) and "," in t:
+        t = [x.strip() for x in t.split(",") if x.strip()]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=t,
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
