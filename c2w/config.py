@@ -64,6 +64,8 @@ class C2WConfig:
     # that gain did not carry over (ACC and forgetting unchanged; BENCHMARKS.md, session 10).
     rehearsal_batch: int = field(default=4, metadata={"help": "rehearsal sequences per sleep step"})
     n_rehearsal: int = field(default=16, metadata={"help": "rehearsal sequences sampled from the base at start"})
+    # Off: on validation seeds 1000-1002 control accuracy did not move (0.444 both), ACC fell (0.150
+    # vs 0.227) and forgetting rose (0.319 vs 0.197) (BENCHMARKS.md, session 11).
     neighbour_rehearsal: bool = field(default=False, metadata={"help": "also rehearse each written fact's questions asked about other names, with the base's answers (memory/rehearsal.py)"})
     neighbours_per_text: int = field(default=2, metadata={"help": "neighbour prompts per written text (neighbour_rehearsal)"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
