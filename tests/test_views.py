@@ -33,3 +33,19 @@ def test_recombination_off_is_the_raw_text_only_and_bad_style_is_rejected():
 def test_sentences_split_only_before_a_capital_or_digit():
     assert sentences(TEXT) == ["Mira Talvik was born in the harbour town of Oskeln.", "In 1902 she moved to Prell."]
     assert sentences("It costs 3.5 units. done") == ["It costs 3.5 units. done"]
+
+
+def test_end_words_ask_for_a_lower_case_answer_at_the_sentence_end():
+    from c2w.memory.views import end_focus
+
+    assert end_focus("Trakon Bovov now works as a translator.") == "translator"
+    assert end_focus("Mira Talvik was born in Oskeln.") is None  # a name: salient_spans asks for it
+    assert end_focus("Of all colours, Pavi Vrosund likes red best.") is None  # an adverb, not the fact
+    assert end_focus("It was founded in 1887.") is None
+    text = "Trakon Bovov now works as a translator. Her art is start."
+    views = mechanical_views(text, "cloze-qa", end_words=True)
+    assert "Question: Trakon Bovov now works as a what?\nAnswer: translator." in views
+    assert "Question: Her art is what?\nAnswer: start." in views  # the last word, not "art" inside "start"
+    assert "translator: Trakon Bovov now works as a translator." in views
+    assert not any("translator." in v and v.startswith("Question") and "Answer: translator" in v
+                   for v in mechanical_views(text, "cloze-qa"))  # off by default

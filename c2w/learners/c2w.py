@@ -87,7 +87,7 @@ class C2WLearner(Learner):
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
                 para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
             self.cost.flops += self.flops_fwd * 80 * len(obs)
-        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style)) for o, p in zip(obs, para)]
+        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style, self.c2w.end_words)) for o, p in zip(obs, para)]
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)

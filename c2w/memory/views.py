@@ -44,6 +44,20 @@ def salient_spans(text: str) -> list[str]:
 
 VIEW_STYLES = ("cloze-qa", "describe")
 MAX_SPANS = 8  # per sentence: a long list of names would otherwise multiply the views
+# Words that end sentences without carrying what the sentence says ("... likes red best.").
+_END_STOP = {"it", "them", "him", "her", "us", "me", "you", "this", "that", "there", "here", "too", "also", "again",
+             "now", "then", "well", "best", "most", "more", "less", "ago", "before", "after", "away", "today", "soon",
+             "yet", "still", "instead", "though", "either", "all", "one", "ones", "else", "much", "many", "way"}
+
+
+def end_focus(sentence: str) -> str | None:
+    """The sentence's last word when it is a lower-case content word ("... works as a translator."):
+    English puts new information last, and answers that are common nouns or adjectives (a
+    profession, a colour) are no name or number, so salient_spans never asks for them."""
+    m = re.search(r"\b([a-z][a-z'’-]{2,})\W*$", sentence.strip())
+    if not m or m.group(1) in _END_STOP:
+        return None
+    return m.group(1)
 
 
 def sentences(text: str) -> list[str]:
@@ -58,7 +72,8 @@ def ask(sentence: str, span: str) -> str:
     return q[:1].upper() + q[1:] + "?"
 
 
-def mechanical_views(text: str, style: str = "cloze-qa") -> list[str]:
+def mechanical_views(text: str, style: str = "cloze-qa", end_words: bool = False) -> list[str]:
+    """cloze-qa views of each salient span (and, with end_words, of each sentence's end_focus word)."""
     if style not in VIEW_STYLES:
         raise ValueError(f"view style must be one of {VIEW_STYLES}, got {style!r}")
     views = []
@@ -68,9 +83,15 @@ def mechanical_views(text: str, style: str = "cloze-qa") -> list[str]:
             views.append(f"Question: What is known about {span}?\nAnswer: {text}")
         return views
     for sent in sentences(text):
-        for span in salient_spans(sent)[:MAX_SPANS]:
+        spans = salient_spans(sent)[:MAX_SPANS]
+        end = end_focus(sent) if end_words else None
+        for span in spans:
             views.append(f"{span}: {sent}")
             views.append(f"Question: {ask(sent, span)}\nAnswer: {span}.")
+        if end:  # the last word, asked for where it stands (not at an earlier match inside a word)
+            q = sent.rstrip(" .!?")
+            views.append(f"{end}: {sent}")
+            views.append(f"Question: {q[:q.rfind(end)]}what{q[q.rfind(end) + len(end):]}?\nAnswer: {end}.")
     return views
 
 
@@ -93,8 +114,9 @@ def paraphrases(model, tokenizer, texts: list[str], max_new_tokens: int = 40) ->
     return out
 
 
-def build_views(text: str, paraphrase: str | None, recombine: bool, style: str = "cloze-qa") -> list[str]:
+def build_views(text: str, paraphrase: str | None, recombine: bool, style: str = "cloze-qa",
+                end_words: bool = False) -> list[str]:
     """All training views of one text; the raw text only when recombination is off."""
     if not recombine:
         return [text]
-    return [text, *mechanical_views(text, style), *([paraphrase] if paraphrase else [])]
+    return [text, *mechanical_views(text, style, end_words), *([paraphrase] if paraphrase else [])]
