@@ -39,6 +39,7 @@ class C2WConfig:
     gate: bool = field(default=True, metadata={"help": "gate what is written (off: write everything)"})
     recombination: bool = field(default=True, metadata={"help": "train on views (keyed, QA, grounded paraphrase), not only the raw text"})
     view_style: str = field(default="cloze-qa", metadata={"help": "views of a written text (see memory/views.py)", "choices": ["cloze-qa", "describe"]})
+    # Off: see BENCHMARKS.md, session 11 (validation seeds 1000-1005).
     end_words: bool = field(default=False, metadata={"help": "cloze-qa views also ask for each sentence's last word when it is a lower-case content word (memory/views.py end_focus)"})
     paraphrase: bool = field(default=True, metadata={"help": "add the model's own grounded paraphrase to the views"})
     sleep: bool = field(default=True, metadata={"help": "sleep at episode end: replay, rehearsal, consolidation"})
