@@ -171,7 +171,7 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
 def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
                 graphs: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
-    from c2w.fast.loss import dense_loss
+    from c2w.fast.loss import dense_loss, next_token_targets
 
     plain_m, fast_m = _models(base, lora_kw)
     plain_m.train()
@@ -209,7 +209,7 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
 
     # agreement before any step: the loss and the LoRA gradients of both paths (with --cuda-graphs,
     # of the graph's own loss, dense_loss, run eagerly)
-    weight = (att[:, 1:] * att[:, :-1]).float()
+    weight = next_token_targets(att).float()
     with amp:
         l_plain = plain_m(input_ids=ids, attention_mask=att, labels=labels).loss
         l_fast = dense_loss(fast_m, ids, weight) if graphs else lm_loss(fast_m, ids, att, att.bool())

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from c2w.fast import lm_loss, make_optimizer
-from c2w.fast.loss import dense_loss
+from c2w.fast.loss import dense_loss, next_token_targets
 from tests.test_fast import LOSS_TOL, _batch, _grad_close, _lora
-
-
-def _targets(att, lm=None):
-    tgt = att.bool() if lm is None else lm & att.bool()
-    return (tgt[:, 1:] & att.bool()[:, :-1]).float()
 
 
 @pytest.mark.parametrize("partial", [False, True])
@@ -25,7 +20,7 @@ def test_dense_loss_matches_lm_loss(tiny, partial):
         lm[:, :5] = False
     params = [p for p in m.parameters() if p.requires_grad]
     ref = lm_loss(m, ids, att, lm)
-    got = dense_loss(m, ids, _targets(att, lm))
+    got = dense_loss(m, ids, next_token_targets(att, lm).float())
     assert abs(got.item() - ref.item()) <= LOSS_TOL
     _grad_close(torch.autograd.grad(got, params), torch.autograd.grad(ref, params))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from c2w.fast.loss import dense_loss
+from c2w.fast.loss import dense_loss, next_token_targets
 
 
 class GraphedWriteStep:
@@ -74,10 +74,9 @@ class GraphedWriteStep:
         b, n = ids.shape
         if b > self.B or n > self.L:
             raise ValueError(f"batch {b} x {n} does not fit the captured {self.B} x {self.L}")
-        tgt = att.bool() if loss_mask is None else loss_mask.bool() & att.bool()
         self.ids.zero_()
         self.w.zero_()
         self.ids[:b, :n].copy_(ids)
-        self.w[:b, :n - 1].copy_((tgt[:, 1:] & att.bool()[:, :-1]).float())
+        self.w[:b, :n - 1].copy_(next_token_targets(att, loss_mask).float())
         self.graph.replay()
         return self.loss

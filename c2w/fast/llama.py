@@ -350,12 +350,12 @@ class _LinearCE(torch.autograd.Function):
             z = (hc @ W.t()).float()
             lse = torch.logsumexp(z, -1)
             nll = lse - z.gather(1, tc[:, None]).squeeze(1)
-            wc = None if wt is None else wt[i:i + chunk, None]
-            total += (nll if wc is None else nll * wc[:, 0]).sum()
+            wc = None if wt is None else wt[i:i + chunk]
+            total += (nll if wc is None else nll * wc).sum()
             if need_h or need_w:
                 z.sub_(lse[:, None]).exp_()
                 z[torch.arange(len(tc), device=z.device), tc] -= 1.0
-                g = (z.div_(denom) if wc is None else z.mul_(wc / denom)).to(h.dtype)
+                g = (z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)).to(h.dtype)
                 if need_h:
                     dh[i:i + chunk] = g @ W
                 if need_w:

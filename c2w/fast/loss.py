@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from c2w.fast import llama
 
 
+def next_token_targets(attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L-1] bool: position t predicts a target, i.e. token t + 1 is real and marked in loss_mask
+    (default: every real token) and token t is real."""
+    att = attention_mask.bool()
+    tgt = att if loss_mask is None else loss_mask.bool() & att
+    return tgt[:, 1:] & att[:, :-1]
+
+
 def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
             *, fast: bool = True) -> torch.Tensor:
     """Mean next-token NLL over the targets where loss_mask is True.
@@ -23,7 +31,7 @@ def lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_m
     if p is None:
         return _hf_loss(model, input_ids, attention_mask, loss_mask)
     att = attention_mask.bool()
-    tgt = (loss_mask.bool() & att)[:, 1:] & att[:, :-1]
+    tgt = next_token_targets(attention_mask, loss_mask)
     n_real = att.sum(1)
     if not torch.equal(att, torch.arange(att.shape[1], device=att.device) < n_real[:, None]):  # not right-padded
         return _hf_loss(model, input_ids, attention_mask, loss_mask)

@@ -90,8 +90,9 @@ def mechanical_views(text: str, style: str = "cloze-qa", end_words: bool = False
             views.append(f"Question: {ask(sent, span)}\nAnswer: {span}.")
         if end:  # the last word, asked for where it stands (not at an earlier match inside a word)
             q = sent.rstrip(" .!?")
+            i = q.rfind(end)
             views.append(f"{end}: {sent}")
-            views.append(f"Question: {q[:q.rfind(end)]}what{q[q.rfind(end) + len(end):]}?\nAnswer: {end}.")
+            views.append(f"Question: {q[:i]}what{q[i + len(end):]}?\nAnswer: {end}.")
     return views
 
 
