@@ -15,6 +15,7 @@ is atomic (see c2w/state.py), so a killed run leaves the last complete state, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -327,7 +328,10 @@ def cmd_ask(ns) -> int:
         prompt = format_prompts(tok, [ns.question], ns.format)[0]
     except ValueError as e:
         return _err(str(e))
-    ids = greedy_decode(learner.model, tok, [prompt], [ns.max_new_tokens])[0]
+    # A routed learner answers a question that concerns nothing written from the frozen base.
+    on = learner.route([ns.question])
+    with learner.model.disable_adapter() if on == [False] else contextlib.nullcontext():
+        ids = greedy_decode(learner.model, tok, [prompt], [ns.max_new_tokens])[0]
     answer = first_line(tok.decode(ids, skip_special_tokens=True)).strip()
     print(answer)
     if not answer:

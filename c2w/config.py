@@ -70,6 +70,9 @@ class C2WConfig:
     # vs 0.227) and forgetting rose (0.319 vs 0.197) (BENCHMARKS.md, session 11).
     neighbour_rehearsal: bool = field(default=False, metadata={"help": "also rehearse each written fact's questions asked about other names, with the base's answers (memory/rehearsal.py)"})
     neighbours_per_text: int = field(default=2, metadata={"help": "neighbour prompts per written text (neighbour_rehearsal)"})
+    router: bool = field(default=False, metadata={"help": "switch the adapters on only for inputs about something written (memory/router.py); off: always on"})
+    router_layer: int = field(default=4, metadata={"help": "router: the base block whose hidden states are the keys"})
+    router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (2/3 contrast set, 1/3 held-out threshold)"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
     max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
 
@@ -83,7 +86,8 @@ ABLATIONS = {
     "c2w-no-rehearsal": {"rehearsal": False},
     "c2w-no-replay": {"replay": False},
     "c2w-no-orthogonal": {"orthogonal": 0.0},
-    "c2w-fact-rehearsal": {"rehearsal_facts": True},  # an addition, not an ablation: off in c2w
+    "c2w-fact-rehearsal": {"rehearsal_facts": True},
+    "c2w-router": {"router": True},  # an addition under validation: off in c2w  # an addition, not an ablation: off in c2w
 }
 
 C2W_ABLATIONS = [n for n in ABLATIONS if n != "c2w"]

@@ -10,6 +10,7 @@ Layout::
     DIR/v000012/buffer.json     the episodic buffer (EpisodicBuffer.to_json)
     DIR/v000012/learner.json    cost, sleeps, written ids, the full gate log, the sampling RNG
     DIR/v000012/rehearsal.pt    rehearsal sequences + the base's top-k log-probs (not resampled on load)
+    DIR/v000012/router.pt       with `router` on: the router's keys, contrast set and negatives (memory/router.py)
     DIR/v000012/optimizer.pt    the fast adapter's AdamW state (moments, step): a resumed write continues
                                 exactly as an uninterrupted one would (absent in older states: fresh AdamW)
     DIR/v000012/status.json     {"meta": what the CLI keeps (episodes, last sleep, ...),
@@ -225,6 +226,8 @@ def _write_version(learner: C2WLearner, vdir: Path, meta: dict) -> None:
         "rng": [rng[0], list(rng[1]), rng[2]]})
     torch.save({"rehearsal": learner.rehearsal, "neighbours": learner.neighbours}, vdir / "rehearsal.pt")
     torch.save(learner.opt.state_dict(), vdir / "optimizer.pt")
+    if learner.router is not None:
+        torch.save(learner.router.state_dict(), vdir / "router.pt")
     _write_json(vdir / "status.json", {"meta": meta, "summary": _summary(learner)})
     _fsync_tree(vdir)
 
@@ -326,8 +329,14 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
         raise StateError(f"backbone {bb.name!r} now has {bb.n_params} parameters, but the state was written "
                          f"on one with {cfg['backbone']['n_params']}: it is not the same model")
     # Built with rehearsal off so that nothing is sampled from the base; the stored set is restored.
-    learner = C2WLearner(bb, lc, dataclasses.replace(cc, rehearsal=False), gc)
+    learner = C2WLearner(bb, lc, dataclasses.replace(cc, rehearsal=False, router=False), gc)
     learner.c2w = cc
+    if cc.router:  # the router's keys and calibration are restored, not re-sampled
+        from c2w.memory.router import Router
+
+        if not (vdir / "router.pt").exists():
+            raise StateError(f"{vdir}: the config has the router on but router.pt is missing")
+        learner.router = Router.from_state_dict(torch.load(vdir / "router.pt", weights_only=True))
     learner.rehearsal = reh
     learner.neighbours = [tuple(x) for x in stored.get("neighbours", [])]
 

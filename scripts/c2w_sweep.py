@@ -53,7 +53,7 @@ def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
             "control_acc": r["locality"]["control_acc"], "kl": r["locality"]["kl"], "updates": r["updates"],
             "gate": r["gate"], "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0,
             "flops": r["cost"]["flops"], "trained_tokens": r["cost"]["trained_tokens"],
-            "gate_log": r.get("gate_log", [])}  # the runner adds each record's role
+            "gate_log": r.get("gate_log", []), "locality": r["locality"]}  # the runner adds each record's role
 
 
 def main() -> None:

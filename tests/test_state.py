@@ -165,3 +165,24 @@ def test_an_optimizer_file_that_does_not_fit_is_refused(tiny, trained, tmp_path)
     with pytest.raises(StateError, match="optimizer.pt cannot be read"):
         load_state(tmp_path)
     assert load_state(tmp_path, rehearsal=False)[0].bank.slow == "slow1"  # `c2w ask` never reads it
+
+
+def test_a_routed_learner_keeps_its_router_across_save_and_load(tiny, tmp_path):
+    from c2w.memory.router import Router, base_hidden
+
+    learner = make_learner(tiny)
+    learner.c2w = C2WConfig(gate=False, paraphrase=False, n_rehearsal=3, rehearsal_batch=2, router=True)
+    base_texts = ["The weather today is mild.", "Music is a way to tell a story.", "In the morning, I walk.",
+                  "The history of the town is long."]
+    learner.router = Router.calibrate(learner.model, tiny.tokenizer, base_texts, layer=4)
+    learner.observe(0, [Observation("a", 0, TEXTS[0])])
+    save_state(learner, tmp_path, state.new_meta())
+    loaded, _ = load_state(tmp_path)
+    qs = [PROMPT, "Music is"]
+    h = base_hidden(loaded.model, tiny.tokenizer, qs, 4)
+    assert loaded.router.threshold == learner.router.threshold
+    assert loaded.router.score(h) == learner.router.score(h) and loaded.route(qs) == learner.route(qs) == [True, False]
+    # a state whose config has the router on but whose router file is gone is refused, not re-sampled
+    (tmp_path / (tmp_path / "CURRENT").read_text().strip() / "router.pt").unlink()
+    with pytest.raises(StateError, match="router.pt"):
+        load_state(tmp_path)

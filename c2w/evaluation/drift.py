@@ -21,16 +21,21 @@ def base_logprobs(model, passages: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def drift(model, passages: list[torch.Tensor], base_lp: list[torch.Tensor]) -> dict[str, float]:
-    """Mean per-token KL(base || current) and perplexity ratio current / base on held-out text."""
+def drift(model, passages: list[torch.Tensor], base_lp: list[torch.Tensor], on: list[bool] | None = None) -> dict[str, float]:
+    """Mean per-token KL(base || current) and perplexity ratio current / base on held-out text.
+    on: per passage, whether a router sends it through the learned weights; a passage routed to
+    the frozen base is the base's own output (KL 0; scoring it would only measure bf16 rounding)."""
     dev = next(model.parameters()).device
     kl_sum, nll_cur, nll_base, n = 0.0, 0.0, 0.0, 0
-    for p, blp in zip(passages, base_lp):
-        lp = torch.log_softmax(model(input_ids=p[None].to(dev)).logits[0].float(), -1).cpu()
-        blp = blp.float()
-        kl_sum += F.kl_div(lp[:-1], blp[:-1], log_target=True, reduction="sum").item()
-        tgt = p[1:]
-        nll_cur -= lp[:-1].gather(1, tgt[:, None]).sum().item()
-        nll_base -= blp[:-1].gather(1, tgt[:, None]).sum().item()
+    for i, (p, blp) in enumerate(zip(passages, base_lp)):
+        blp, tgt = blp.float(), p[1:]
+        base_nll = -blp[:-1].gather(1, tgt[:, None]).sum().item()
+        nll_base += base_nll
         n += len(tgt)
+        if on is not None and not on[i]:
+            nll_cur += base_nll
+            continue
+        lp = torch.log_softmax(model(input_ids=p[None].to(dev)).logits[0].float(), -1).cpu()
+        kl_sum += F.kl_div(lp[:-1], blp[:-1], log_target=True, reduction="sum").item()
+        nll_cur -= lp[:-1].gather(1, tgt[:, None]).sum().item()
     return {"kl": kl_sum / max(n, 1), "ppl_ratio": math.exp((nll_cur - nll_base) / max(n, 1))}

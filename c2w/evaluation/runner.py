@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Snapshot:
     strict: np.ndarray
     logprob: np.ndarray
     seconds: float
+    routed: np.ndarray | None = None  # per item, through the learned weights (True) or the base; None: not routed
 
 
 @dataclass
@@ -46,15 +48,32 @@ def evaluate(model, tokenizer, ctx: EvalContext, learner: Learner | None = None,
     prompts = [ctx.probes.items[k].probe.prompt for k in idx]
     if learner is not None:
         prompts = learner.contextualize(prompts)
+    t0 = time.perf_counter()
+    on = learner.route(prompts) if learner is not None else None  # routed on the question, not its template
     prompts = format_prompts(tokenizer, prompts, ctx.probe_format)
     answers = [ctx.probes.items[k].probe.answer for k in idx]
-    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    scores = score_probes(model, tokenizer, prompts, answers, batch_size=ctx.batch_size, with_logprob=with_logprob)
+    scores = score_routed(model, tokenizer, prompts, answers, on, batch_size=ctx.batch_size, with_logprob=with_logprob)
     model.train(was_training)
     return Snapshot(np.array([s.correct for s in scores], bool), np.array([s.strict for s in scores], bool),
-                    np.array([s.logprob for s in scores], float), time.perf_counter() - t0)
+                    np.array([s.logprob for s in scores], float), time.perf_counter() - t0,
+                    None if on is None else np.array(on, bool))
+
+
+def score_routed(model, tokenizer, prompts: list[str], answers: list[str], on: list[bool] | None, **kw) -> list:
+    """score_probes, with the rows routed off scored on the frozen base (PEFT's disable_adapter)."""
+    if on is None or all(on):
+        return score_probes(model, tokenizer, prompts, answers, **kw)
+    out: list = [None] * len(prompts)
+    for flag in (True, False):
+        idx = [i for i, o in enumerate(on) if o == flag]
+        if not idx:
+            continue
+        with contextlib.nullcontext() if flag else model.disable_adapter():
+            for i, s in zip(idx, score_probes(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], **kw)):
+                out[i] = s
+    return out
 
 
 def _by_episode(values: np.ndarray, ps: ProbeSet) -> np.ndarray:
@@ -130,8 +149,17 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     elif not learner.writes_weights:  # the base's own weights: no drift by construction (scoring them
         locality.update({"kl": 0.0, "ppl_ratio": 1.0})  # would only measure the bf16 rounding of base_lp)
     else:
+        text_on = learner.route([learner.tokenizer.decode(p) for p in ctx.passages])
         with torch.no_grad():
-            locality.update(drift(learner.model, ctx.passages, ctx.base_lp))
+            locality.update(drift(learner.model, ctx.passages, ctx.base_lp, text_on))
+            if text_on is not None:  # what the weights alone would do to general text, unrouted
+                locality["kl_unrouted"] = drift(learner.model, ctx.passages, ctx.base_lp)["kl"]
+        if text_on is not None:
+            locality["routed_text"] = float(np.mean(text_on)) if text_on else np.nan
+    if final.routed is not None:  # share of each kind of probe the router sent through the adapters
+        for kind in ("matrix", "stale", "control"):
+            k = ps.of(kind)
+            locality[f"routed_{kind}"] = float(final.routed[k].mean()) if k else np.nan
 
     # Learning speed: each episode's curve sampled at equal budget fractions; mean over episodes.
     width = max(len(c) for c in curves)

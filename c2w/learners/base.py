@@ -64,6 +64,11 @@ class Learner:
         """Rewrite probe prompts before scoring (only retrieval methods do)."""
         return prompts
 
+    def route(self, prompts: list[str]) -> list[bool] | None:
+        """Per input, whether it goes through the learned weights (True) or the frozen base (False).
+        None: everything goes through `model` (all methods but a routed c2w)."""
+        return None
+
     def state_bytes(self) -> int:
         """Bytes of state this method stores beyond the frozen backbone."""
         return 0

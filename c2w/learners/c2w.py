@@ -28,6 +28,7 @@ from c2w.memory.buffer import EpisodicBuffer, Entry
 from c2w.memory.gate import cloze_pairs, score_texts, text_signals
 from c2w.memory.rehearsal import (known_names, neighbour_prompts, openers, rehearsal_loss, sample_rehearsal,
                                    teacher_logprobs)
+from c2w.memory.router import Router, base_hidden
 from c2w.memory.views import build_views, paraphrases
 
 
@@ -63,6 +64,14 @@ class C2WLearner(Learner):
                                         prompts=openers(self.c2w.rehearsal_facts))
                 self.rehearsal = (seqs, teacher_logprobs(self.bank.model, seqs))
             self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + teacher pass
+        self.router: Router | None = None
+        if self.c2w.router:
+            with self.bank.model.disable_adapter():
+                seqs = sample_rehearsal(self.bank.model, self.tokenizer, self.c2w.router_calibration, seed=cfg.seed + 1,
+                                        prompts=openers(True))
+            self.router = Router.calibrate(self.bank.model, self.tokenizer, [self.tokenizer.decode(s) for s in seqs],
+                                           self.c2w.router_layer)
+            self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + (partial) key pass
 
     def _new_optimizer(self) -> None:
         self.params = self.bank.fast_params()
@@ -91,6 +100,8 @@ class C2WLearner(Learner):
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)
+        if self.router is not None:
+            self.router.add(self._keys([o.text for o in obs]))
         if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
@@ -186,8 +197,22 @@ class C2WLearner(Learner):
     def model(self):
         return self.bank.model
 
+    def _keys(self, texts: list[str]) -> list[torch.Tensor]:
+        """The base's hidden states of written texts at the router's block; the write pays for a
+        forward over the first router_layer blocks. (Routing a question at answer time is inference
+        cost: it shows in the probe latency, not in the write budget.)"""
+        hid = base_hidden(self.bank.model, self.tokenizer, texts, self.router.layer)
+        n_layers = getattr(self.bank.model.config, "num_hidden_layers", self.router.layer)
+        self.cost.flops += self.flops_fwd * min(1.0, self.router.layer / n_layers) * sum(len(h) + 1 for h in hid)
+        return hid
+
+    def route(self, prompts: list[str]) -> list[bool] | None:
+        if self.router is None:
+            return None
+        return self.router.route(base_hidden(self.bank.model, self.tokenizer, prompts, self.router.layer))
+
     def state_bytes(self) -> int:
-        return self.bank.state_bytes() + self.buffer.nbytes()
+        return self.bank.state_bytes() + self.buffer.nbytes() + (self.router.nbytes() if self.router else 0)
 
 
 def _ablation(name: str, overrides: dict) -> type[C2WLearner]:

@@ -1,0 +1,110 @@
+"""The router (memory/router.py) and routed evaluation, on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from c2w.evaluation.drift import base_logprobs, drift, encode_passages
+from c2w.evaluation.probeset import build_probeset
+from c2w.evaluation.runner import EvalContext, evaluate
+from c2w.learners import LearnerConfig
+from c2w.learners.c2w import C2WConfig, C2WLearner
+from c2w.learners.lora import LoraLearner
+from c2w.memory.router import Router, base_hidden
+from c2w.streams.records import Observation, Probe, Record, Stream
+
+BASE_TEXTS = ["The weather today is mild and grey.", "Once upon a time there was a small house.",
+              "Music is a way to tell a story.", "In the morning, I walk to the shop.",
+              "The history of the town is long.", "Many people believe that tea is good."]
+WRITTEN = "Quentor Vilsk was born in Sarnavel."
+
+
+def router_for(tiny, texts=BASE_TEXTS) -> Router:
+    return Router.calibrate(tiny.model, tiny.tokenizer, texts, layer=4)
+
+
+def test_a_question_about_a_written_name_goes_to_the_adapters_and_others_do_not(tiny):
+    r = router_for(tiny)
+    r.add(base_hidden(tiny.model, tiny.tokenizer, [WRITTEN], r.layer))
+    qs = ["Where was Quentor Vilsk born?", "Quentor Vilsk was born in", "The weather today is", "Music is"]
+    assert r.route(base_hidden(tiny.model, tiny.tokenizer, qs, r.layer)) == [True, True, False, False]
+
+
+def test_nothing_written_routes_everything_to_the_base(tiny):
+    r = router_for(tiny)
+    assert r.threshold == float("inf")
+    assert r.route(base_hidden(tiny.model, tiny.tokenizer, [WRITTEN, "Music is"], r.layer)) == [False, False]
+
+
+def test_calibration_needs_enough_base_text(tiny):
+    with pytest.raises(ValueError, match="at least 3"):
+        router_for(tiny, BASE_TEXTS[:2])
+
+
+def test_router_state_round_trips(tiny):
+    r = router_for(tiny)
+    r.add(base_hidden(tiny.model, tiny.tokenizer, [WRITTEN], r.layer))
+    r2 = Router.from_state_dict(r.state_dict())
+    h = base_hidden(tiny.model, tiny.tokenizer, ["Where was Quentor Vilsk born?", "Music is"], r.layer)
+    assert r2.threshold == r.threshold and r2.score(h) == r.score(h)
+
+
+def test_base_hidden_ignores_adapters_and_padding(tiny):
+    learner = C2WLearner(tiny, LearnerConfig(lr=5e-2, token_budget=200, batch_size=2, seed=0),
+                         C2WConfig(gate=False, paraphrase=False, rehearsal=False, sleep=False))
+    before = base_hidden(learner.model, tiny.tokenizer, [WRITTEN, "Music is"], 4)
+    learner.observe(0, [Observation("a", 0, WRITTEN)])
+    after = base_hidden(learner.model, tiny.tokenizer, [WRITTEN, "Music is"], 4)
+    alone = base_hidden(learner.model, tiny.tokenizer, ["Music is"], 4)  # no padding in its batch
+    for b, a in zip(before, after):
+        assert torch.allclose(b.float(), a.float(), atol=1e-3)
+    assert torch.allclose(after[1].float(), alone[0].float(), atol=1e-3)
+
+
+class Routed(LoraLearner):
+    """A LoRA learner whose router sends the prompts in `off` to the base."""
+
+    name = "routed"
+    off: set = set()
+
+    def route(self, prompts):
+        return [p not in self.off for p in prompts]
+
+
+def test_evaluation_scores_rows_routed_off_on_the_frozen_base(tiny):
+    recs = [Record("r1", 0, WRITTEN, (Probe("Quentor Vilsk was born in", "Sarnavel"),)),
+            Record("c1", 0, "", (Probe("Music is", "good"),), role="control")]
+    stream = Stream(recs, "t")
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    learner = Routed(tiny, LearnerConfig(lr=5e-2, token_budget=300, batch_size=1, seed=0))
+    learner.observe(0, stream.observations(0))
+    base = evaluate(tiny.model, tiny.tokenizer, ctx)
+    adapted = evaluate(learner.model, tiny.tokenizer, ctx)  # no learner: nothing routed
+    Routed.off = {"Music is"}
+    routed = evaluate(learner.model, tiny.tokenizer, ctx, learner)
+    assert adapted.routed is None and routed.routed.tolist() == [True, False]
+    assert routed.logprob[0] == pytest.approx(adapted.logprob[0], abs=1e-5)
+    assert routed.logprob[1] == pytest.approx(base.logprob[1], abs=1e-5)
+    assert abs(adapted.logprob[1] - base.logprob[1]) > 1e-3  # the write did move the control
+
+
+def test_drift_of_text_routed_to_the_base_is_zero(tiny):
+    learner = LoraLearner(tiny, LearnerConfig(lr=5e-2, token_budget=200, batch_size=1, seed=0))
+    learner.observe(0, [Observation("a", 0, WRITTEN)])
+    passages = encode_passages(tiny.tokenizer, ["The river runs past the old mill.", "Music is a way to tell a story."])
+    blp = base_logprobs(tiny.model, passages)
+    with torch.no_grad():
+        full = drift(learner.model, passages, blp)
+        off = drift(learner.model, passages, blp, [False, False])
+        half = drift(learner.model, passages, blp, [True, False])
+    assert full["kl"] > 0 and off == {"kl": 0.0, "ppl_ratio": 1.0}
+    assert 0 < half["kl"] < full["kl"]
+
+
+def test_a_routed_c2w_learner_keys_what_it_writes(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=2, router=True, router_calibration=6))
+    assert learner.route(["Quentor Vilsk was born in"]) == [False]  # nothing written yet
+    learner.observe(0, [Observation("a", 0, WRITTEN)])
+    assert learner.route(["Where was Quentor Vilsk born?"]) == [True]
+    assert np.isfinite(learner.router.threshold) and learner.state_bytes() > learner.bank.state_bytes()
