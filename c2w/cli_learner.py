@@ -149,6 +149,10 @@ def check_settings(lc, cc) -> list[str]:
         bad.append(f"--max-slow-rank ({cc.max_slow_rank}) must be >= --lora-r ({lc.lora_r})")
     if cc.rehearsal and not 1 <= cc.rehearsal_batch <= cc.n_rehearsal:
         bad.append(f"rehearsal needs 1 <= --rehearsal-batch ({cc.rehearsal_batch}) <= --n-rehearsal ({cc.n_rehearsal})")
+    if cc.router and cc.router_calibration < 3:
+        bad.append(f"--router-calibration must be >= 3, got {cc.router_calibration}")
+    if cc.router_layer < 1:
+        bad.append(f"--router-layer must be >= 1, got {cc.router_layer}")
     return bad
 
 
@@ -210,8 +214,9 @@ def cmd_learn(ns) -> int:
             else:
                 model = ns.model or "smollm2"
                 cc = C2WConfig(**co, sleep=True)
-                print(f"creating state {d} on {model}" + (" (sampling the rehearsal set from the base once)"
-                      if cc.rehearsal else "") + " ...", file=sys.stderr)
+                once = [w for w, on in (("the rehearsal set", cc.rehearsal), ("the router's calibration text", cc.router)) if on]
+                print(f"creating state {d} on {model}" + (f" (sampling {' and '.join(once)} from the base once)"
+                      if once else "") + " ...", file=sys.stderr)
                 try:
                     learner, meta = init_state(d, model, LearnerConfig(**lo), cc, GateConfig(**go), ns.device)
                 except BaseException:

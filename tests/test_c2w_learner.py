@@ -53,7 +53,7 @@ def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
 
 def test_sleep_does_not_lower_recall_of_buffered_facts(tiny):
     cfg = LearnerConfig(lr=1e-2, token_budget=1200, batch_size=2, seed=0)
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, recombination=False, n_rehearsal=2))
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, recombination=False, rehearsal=True, n_rehearsal=2))
     facts = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
     learner.observe(0, facts)
     prompts, answers = ["Mira Talvik was born in", "Pell Odrin works for"], ["Oskeln", "Vask"]
@@ -185,7 +185,7 @@ def test_the_cloze_rule_finds_the_known_fact_familiar_and_the_new_one_not(school
 def test_rehearsal_never_overruns_the_budget(tiny, wake_rehearsal):
     # a budget smaller than one rehearsal batch: the batch must be cut, not trained whole
     cfg = LearnerConfig(lr=1e-3, token_budget=60, batch_size=2, seed=0)
-    c2w = C2WConfig(gate=False, paraphrase=False, n_rehearsal=4, rehearsal_batch=4, wake_rehearsal=wake_rehearsal)
+    c2w = C2WConfig(gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, rehearsal_batch=4, wake_rehearsal=wake_rehearsal)
     learner = C2WLearner(tiny, cfg, c2w)
     assert sum(len(s) for s in learner.rehearsal[0]) > 60 * (1 - c2w.wake_share)  # the batch alone would overrun sleep
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
@@ -225,7 +225,7 @@ def test_known_names_are_names_inside_sentences(tiny):
 
 def test_neighbour_rehearsal_distils_the_base_on_neighbours_within_budget(tiny):
     cfg = LearnerConfig(lr=1e-3, token_budget=400, batch_size=2, seed=0)
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=4, neighbour_rehearsal=True))
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, neighbour_rehearsal=True))
     learner._names = ["Berlin"]
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     assert len(learner.neighbours) == C2WConfig().neighbours_per_text

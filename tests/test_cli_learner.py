@@ -23,7 +23,9 @@ from treeutil import tree
 REPO = Path(__file__).resolve().parents[1]
 # Gate and paraphrase off: on a random-init model the gate rejects everything and paraphrases are noise.
 # Rehearsal off: sampling its set with HF generate takes tens of seconds on CPU (test_state covers it).
-TINY = ["--model", "tiny", "--no-gate", "--no-paraphrase", "--no-rehearsal", "--batch-size", "2", "--token-budget", "100"]
+# Router off: on the random tiny model its calibration text is noise (tests/test_router.py covers it;
+# the real-backbone smoke test runs learn + ask with it on).
+TINY = ["--model", "tiny", "--no-gate", "--no-paraphrase", "--no-rehearsal", "--no-router", "--batch-size", "2", "--token-budget", "100"]
 FACTS = ["Mira Talvik was born in the harbour town of Oskeln.", "The river Quell flows through Dastmoor."]
 
 
@@ -114,7 +116,9 @@ def test_bad_input_and_bad_flags_leave_the_state_byte_for_byte(made, tmp_path, c
     assert cli.main(["learn", "--state", str(tmp_path / "new"), *TINY, str(bad)]) == 2
     assert cli.main(["learn", "--state", str(tmp_path / "new2"), *TINY, "--wake-share", "2", str(good)]) == 2
     assert "--wake-share" in capsys.readouterr().err
-    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+    assert cli.main(["learn", "--state", str(tmp_path / "new3"), *TINY, "--router", "--router-calibration", "2", str(good)]) == 2
+    assert "--router-calibration must be >= 3" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists() and not (tmp_path / "new3").exists()
 
 
 def test_sleep_consolidates_then_has_nothing_to_do_and_ask_answers(made, tmp_path, capsys):

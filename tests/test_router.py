@@ -108,3 +108,21 @@ def test_a_routed_c2w_learner_keys_what_it_writes(tiny):
     learner.observe(0, [Observation("a", 0, WRITTEN)])
     assert learner.route(["Where was Quentor Vilsk born?"]) == [True]
     assert np.isfinite(learner.router.threshold) and learner.state_bytes() > learner.bank.state_bytes()
+
+
+def test_a_routed_run_reports_what_was_routed_and_the_unrouted_weights(tiny):
+    from c2w.evaluation.runner import run_learner
+
+    recs = [Record("r1", 0, WRITTEN, (Probe("Where was Quentor Vilsk born?", "Sarnavel"),)),
+            Record("c1", 0, "", (Probe("Music is", "good"),), role="control")]
+    stream = Stream(recs, "t")
+    passages = encode_passages(tiny.tokenizer, ["Music is a way to tell a story."])
+    ctx = EvalContext(stream, build_probeset(stream), "raw", passages, base_logprobs(tiny.model, passages))
+    cfg = LearnerConfig(lr=1e-2, token_budget=80, batch_size=2, seed=0, progress_points=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=2))
+    learner.router = router_for(tiny)  # calibrated on real sentences: the random model's samples are noise
+    res = run_learner(learner, ctx, evaluate(tiny.model, tiny.tokenizer, ctx))
+    loc = res["locality"]
+    assert loc["routed_matrix"] == 1.0 and loc["routed_control"] == 0.0 and loc["routed_text"] == 0.0
+    assert loc["kl"] == 0.0 and loc["kl_unrouted"] > 0  # the text went to the base; the weights did move
+    assert 0.0 <= loc["control_acc_unrouted"] <= 1.0 and 0.0 <= loc["acc_unrouted"] <= 1.0

@@ -17,7 +17,8 @@ def test_learn_then_ask_answers_a_new_fact(tmp_path, capsys):
     src.write_text(json.dumps({"id": "mira", "text": FACT}) + "\n")
     cloze = "Mira Talvik was born in the harbour town of"
 
-    # Rehearsal is off only to skip sampling its set when the state is created (HF sampling of 16
+    # The router samples its calibration text (96 short sequences) from the base when the state is
+    # created. Rehearsal is off only to skip sampling its set when the state is created (HF sampling of 16
     # sequences takes minutes on a loaded 2-core CPU); only sleep uses it, and this test does not
     # sleep. The gate and the paraphrase view are on: the fact goes through the pipeline as a
     # user's would (test_smoke_real checks that the base does not know it). --budget 2000: the write
@@ -35,6 +36,11 @@ def test_learn_then_ask_answers_a_new_fact(tmp_path, capsys):
     # born?" -> "Mira Talvik was born in the port city of Oskeln."), but it rewords the fact and,
     # with a handful of write steps, is one greedy path from drifting: it is not asserted here.
     assert "Oskeln" in answer, answer
+    # The router (on by default) sends a question about nothing written to the frozen base, which
+    # knows this one; the write must not have replaced it with a name from the stream.
+    assert cli.main(["ask", "--state", str(state), "--format", "raw", "The capital of France is",
+                     "--max-new-tokens", "6"]) == 0
+    assert "Paris" in capsys.readouterr().out
 
     assert cli.main(["status", "--state", str(state), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)

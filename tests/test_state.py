@@ -22,9 +22,9 @@ def make_learner(tiny):
     """Gate and paraphrase off (the random tiny model would reject/garble everything); the rehearsal
     set is injected (a few random sequences) instead of sampled with HF generate, which is slow."""
     cfg = LearnerConfig(lr=1e-2, token_budget=120, batch_size=4, seed=3)
-    cc = C2WConfig(gate=False, paraphrase=False, rehearsal=False, n_rehearsal=3, rehearsal_batch=2)
+    cc = C2WConfig(gate=False, paraphrase=False, rehearsal=False, router=False, n_rehearsal=3, rehearsal_batch=2)
     learner = C2WLearner(tiny, cfg, cc, GateConfig())
-    learner.c2w = C2WConfig(gate=False, paraphrase=False, n_rehearsal=3, rehearsal_batch=2)
+    learner.c2w = C2WConfig(gate=False, paraphrase=False, rehearsal=True, router=False, n_rehearsal=3, rehearsal_batch=2)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 1000, (n,), generator=g) for n in (9, 12, 7)]
     with learner.bank.model.disable_adapter():
@@ -171,7 +171,7 @@ def test_a_routed_learner_keeps_its_router_across_save_and_load(tiny, tmp_path):
     from c2w.memory.router import Router, base_hidden
 
     learner = make_learner(tiny)
-    learner.c2w = C2WConfig(gate=False, paraphrase=False, n_rehearsal=3, rehearsal_batch=2, router=True)
+    learner.c2w = C2WConfig(gate=False, paraphrase=False, rehearsal=True, n_rehearsal=3, rehearsal_batch=2, router=True)
     base_texts = ["The weather today is mild.", "Music is a way to tell a story.", "In the morning, I walk.",
                   "The history of the town is long."]
     learner.router = Router.calibrate(learner.model, tiny.tokenizer, base_texts, layer=4)

@@ -160,6 +160,11 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
         for kind in ("matrix", "stale", "control"):
             k = ps.of(kind)
             locality[f"routed_{kind}"] = float(final.routed[k].mean()) if k else np.nan
+        # The same weights with the router off (adapters on for every input), at the end only: the
+        # router's own contribution, without a second run (routing changes no training).
+        off = evaluate(learner.model, learner.tokenizer, ctx, None, with_logprob=False)
+        locality["control_acc_unrouted"] = float(off.correct[ctrl].mean()) if ctrl else np.nan
+        locality["acc_unrouted"] = float(np.nanmean(_by_episode(off.correct.astype(float), ps)))
 
     # Learning speed: each episode's curve sampled at equal budget fractions; mean over episodes.
     width = max(len(c) for c in curves)

@@ -53,6 +53,8 @@ def target_rows(methods: dict, ours: str = "c2w") -> list[tuple[str, str, str, s
         add("new answers after updates (diff)", n, nl, n - nl, ">= lora's", n >= nl)
         k, kl = _mean(c, "locality", "kl"), _mean(lora, "locality", "kl")
         add("general-text KL vs lora", k, kl, _ratio(k, kl), "<= 1x", k <= kl)
+        ku = _mean(c, "locality", "kl_unrouted")  # a routed c2w: what its weights do with the router off
+        add("general-text KL, router off, vs lora", ku, kl, _ratio(ku, kl), "<= 1x", ku <= kl)
     ctrl = _mean(c, "locality", "control_rel")
     add("control accuracy / base", ctrl, 1.0, ctrl, ">= 0.98", ctrl >= 0.98)
     for role, want in (("noise", 0.10), ("known", 0.20), ("duplicate", 0.20)):
