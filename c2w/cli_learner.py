@@ -2,7 +2,7 @@
 
     c2w learn --state DIR notes.jsonl        observe the texts as one episode: gate, write (fast adapter)
     echo "Mira Talvik was born in Oskeln." | c2w learn --state DIR -
-    c2w sleep --state DIR                    replay + rehearsal, consolidate fast -> slow
+    c2w sleep --state DIR                    replay (+ rehearsal if on), consolidate fast -> slow
     c2w ask --state DIR "Where was Mira Talvik born?"     greedy answer from the weights (no retrieval)
     c2w status --state DIR [--json]
 
@@ -280,7 +280,7 @@ def _sleep(learner, d: Path, meta: dict, call_cfg) -> str:
     learner.share = 1.0  # an explicit sleep spends the budget it was given, whatever the last gate wrote
     budget = int(learner.cfg.token_budget * (1 - learner.c2w.wake_share))
     tok0, t0 = learner.cost.trained_tokens, time.perf_counter()
-    print(f"sleeping: replay + rehearsal on {budget} tokens, then consolidation ...", file=sys.stderr)
+    print(f"sleeping: replay{' + rehearsal' if learner.c2w.rehearsal else ''} on {budget} tokens, then consolidation ...", file=sys.stderr)
     try:
         learner.sleep()
     finally:
@@ -418,7 +418,7 @@ def add_learner_parsers(sub) -> None:
     add_dataclass_args(g, GateConfig)
     l.set_defaults(func=cmd_learn)
 
-    s = sub.add_parser("sleep", help="replay + rehearsal, then consolidate the fast adapter into slow memory")
+    s = sub.add_parser("sleep", help="replay (+ rehearsal if on), then consolidate the fast adapter into slow memory")
     state_arg(s)
     s.add_argument("--budget", type=_positive_int, default=None,
                    help="tokens this sleep trains (default: the state's token_budget x (1 - wake_share))")

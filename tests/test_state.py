@@ -186,3 +186,14 @@ def test_a_routed_learner_keeps_its_router_across_save_and_load(tiny, tmp_path):
     (tmp_path / (tmp_path / "CURRENT").read_text().strip() / "router.pt").unlink()
     with pytest.raises(StateError, match="router.pt"):
         load_state(tmp_path)
+
+
+def test_a_state_from_before_the_router_loads_unrouted(tiny, trained, tmp_path):
+    v = save_state(trained, tmp_path, state.new_meta())
+    cfg_path = tmp_path / v / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k in ("router", "router_layer", "router_calibration"):
+        cfg["c2w"].pop(k)
+    cfg_path.write_text(json.dumps(cfg))
+    loaded, _ = load_state(tmp_path)
+    assert loaded.router is None and loaded.c2w.router is False and loaded.route([PROMPT]) is None

@@ -1,13 +1,16 @@
-"""`c2w`: gated writes into a fast adapter, sleep that replays, rehearses and consolidates into
-slow memory, with an orthogonality constraint against interference. Each part can be switched off
-(the `c2w-no-*` ablations); every part's compute is paid from the same per-episode token budget.
+"""`c2w`: gated writes into a fast adapter, sleep that replays and consolidates into slow memory,
+an orthogonality constraint against interference, and a router that switches the adapters on only
+for inputs about something written. Each part can be switched off (the `c2w-no-*` ablations);
+every part's compute is paid from the same per-episode token budget.
 
 wake (observe):  gate the episode's texts -> build views of those written -> store them in the
-                 episodic buffer -> train the fast adapter on the views (wake_share of the budget;
-                 the episode's budget is scaled by the share of texts the gate wrote)
+                 episodic buffer -> key their tokens in the router -> train the fast adapter on
+                 the views (wake_share of the budget; the episode's budget is scaled by the share
+                 of texts the gate wrote)
 sleep (end):     refresh replay priorities -> train fast on prioritised replay of buffered views
-                 + KL to the base on self-generated rehearsal text (the rest of the budget)
-                 -> merge fast into slow (PEFT `cat`: exact) -> fresh fast adapter
+                 (+ KL to the base on self-generated rehearsal text, with `rehearsal`; off by
+                 default since session 12) -> merge fast into slow (PEFT `cat`: exact) -> fresh fast
+answer:          `route(prompts)`: adapters on or off per input (memory/router.py)
 """
 
 from __future__ import annotations
