@@ -53,7 +53,7 @@ def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
 
 def test_sleep_does_not_lower_recall_of_buffered_facts(tiny):
     cfg = LearnerConfig(lr=1e-2, token_budget=1200, batch_size=2, seed=0)
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, recombination=False, rehearsal=True, n_rehearsal=2))
+    learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, gate=False, recombination=False, rehearsal=True, n_rehearsal=2))
     facts = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
     learner.observe(0, facts)
     prompts, answers = ["Mira Talvik was born in", "Pell Odrin works for"], ["Oskeln", "Vask"]
@@ -73,7 +73,7 @@ def test_gate_off_writes_everything_and_gate_on_skips_exact_duplicates(tiny):
     off = make_learner("c2w-no-gate", tiny, cfg)
     off.observe(0, obs)
     assert off.written_ids == {"a", "b"}
-    on = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
+    on = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False), GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
     on.observe(0, obs)
     assert on.written_ids == {"a"} and [g["reason"] for g in on.gate_log] == ["write", "duplicate"]
 
@@ -82,7 +82,8 @@ def test_gate_off_writes_everything_and_gate_on_skips_exact_duplicates(tiny):
 def test_every_ablation_runs_within_budget(tiny, method):
     cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0)
     # the tiny random model has no language for the SmolLM2-set gate thresholds: gate off here
-    c2w = C2WConfig(**{**ABLATIONS[method], "gate": False, "paraphrase": False, "n_rehearsal": 2})
+    c2w = C2WConfig(**{**ABLATIONS[method], "gate": False, "paraphrase": False, "n_rehearsal": 2,
+                          "router_calibration": 6})  # 96 HF samples take ~12 s on the tiny model
     learner = C2W_METHODS[method](tiny, cfg, c2w)
     assert learner.name == method
     obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
@@ -97,7 +98,7 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     # exact duplicates are turned away by novelty alone (the other signals are switched off here)
     cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)
     gate = GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1)
-    learner = C2WLearner(tiny, cfg, C2WConfig(paraphrase=False, rehearsal=False), gate)
+    learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False), gate)
     a, b = "Mira Talvik was born in Oskeln.", "Pell Odrin works for Vask."
     learner.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
     learner.end_episode(0)
@@ -185,7 +186,7 @@ def test_the_cloze_rule_finds_the_known_fact_familiar_and_the_new_one_not(school
 def test_rehearsal_never_overruns_the_budget(tiny, wake_rehearsal):
     # a budget smaller than one rehearsal batch: the batch must be cut, not trained whole
     cfg = LearnerConfig(lr=1e-3, token_budget=60, batch_size=2, seed=0)
-    c2w = C2WConfig(gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, rehearsal_batch=4, wake_rehearsal=wake_rehearsal)
+    c2w = C2WConfig(router_calibration=6, gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, rehearsal_batch=4, wake_rehearsal=wake_rehearsal)
     learner = C2WLearner(tiny, cfg, c2w)
     assert sum(len(s) for s in learner.rehearsal[0]) > 60 * (1 - c2w.wake_share)  # the batch alone would overrun sleep
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
@@ -225,7 +226,7 @@ def test_known_names_are_names_inside_sentences(tiny):
 
 def test_neighbour_rehearsal_distils_the_base_on_neighbours_within_budget(tiny):
     cfg = LearnerConfig(lr=1e-3, token_budget=400, batch_size=2, seed=0)
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, neighbour_rehearsal=True))
+    learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, gate=False, paraphrase=False, rehearsal=True, n_rehearsal=4, neighbour_rehearsal=True))
     learner._names = ["Berlin"]
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     assert len(learner.neighbours) == C2WConfig().neighbours_per_text
@@ -238,7 +239,7 @@ def test_neighbour_rehearsal_distils_the_base_on_neighbours_within_budget(tiny):
 def test_lora_targets_take_a_comma_list_and_c2w_runs_on_mlp_only_adapters(tiny):
     cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0, lora_targets="gate_proj, up_proj,down_proj")
     assert sorted(lora_config(cfg).target_modules) == ["down_proj", "gate_proj", "up_proj"]
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=2))
+    learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, gate=False, paraphrase=False, n_rehearsal=2))
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     learner.end_episode(0)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in learner.model.named_parameters() if ".lora_A" in n}

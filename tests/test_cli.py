@@ -94,7 +94,7 @@ def test_help_status_and_validate_never_import_the_model_stack(tiny, tmp_path):
     from c2w.learners.c2w import C2WLearner
     from c2w.state import new_meta, save_state
 
-    learner = C2WLearner(tiny, LearnerConfig(), C2WConfig(rehearsal=False), GateConfig())
+    learner = C2WLearner(tiny, LearnerConfig(), C2WConfig(rehearsal=False, router=False), GateConfig())
     save_state(learner, tmp_path / "mem", new_meta())  # a real state for `status` to read
     p = write(tmp_path / "s.jsonl", [GOOD])
     code = ("import sys\nfrom c2w import cli\ncli.build_parser()\n"
