@@ -47,7 +47,7 @@ class C2WConfig:
     prioritised: bool = field(default=True, metadata={"help": "replay proportional to current NLL (off: uniform)"})
     # Off since session 12: it was there for locality, which the router now gives (control accuracy
     # 1.00 either way on validation seeds 1000-1005), and it cost what it always cost: with the router,
-    # ACC 0.361 without it vs 0.236 with it, new answers 0.45 vs 0.05 (BENCHMARKS.md, session 12).
+    # ACC 0.352 without it vs 0.205 with it, new answers 0.41 vs 0.08 (BENCHMARKS.md, session 12).
     rehearsal: bool = field(default=False, metadata={"help": "distil the base's own samples back during sleep (KL)"})
     # 0.1. Off looked better on validation seed 1000 alone; on validation seeds 1000-1002 the penalty
     # forgets less (0.108 vs 0.199 without), as in the 3-seed ablation of the revision (BENCHMARKS.md).
@@ -74,7 +74,7 @@ class C2WConfig:
     neighbour_rehearsal: bool = field(default=False, metadata={"help": "also rehearse each written fact's questions asked about other names, with the base's answers (memory/rehearsal.py)"})
     neighbours_per_text: int = field(default=2, metadata={"help": "neighbour prompts per written text (neighbour_rehearsal)"})
     # On since session 12: on validation seeds 1000-1005 control accuracy 1.00 vs 0.40 at equal ACC
-    # (routing changes no training), general-text KL 0.03 vs 0.37 (BENCHMARKS.md, session 12).
+    # (routing changes no training), general-text KL 0.03 vs 0.36 (BENCHMARKS.md, session 12).
     router: bool = field(default=True, metadata={"help": "switch the adapters on only for inputs about something written (memory/router.py); off: always on"})
     router_layer: int = field(default=4, metadata={"help": "router: the base block whose hidden states are the keys"})
     router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (2/3 contrast set, 1/3 held-out threshold)"})

@@ -205,7 +205,7 @@ HOW_TO_READ: tuple[tuple[str, str], ...] = (
     ("Flips", "per-probe correct→wrong (negative) and wrong→correct (positive) changes between consecutive evaluations after the fact was seen."),
     ("Strict", "the same accuracies under strict (exact-prefix) answer matching; log-prob is the mean answer log-probability at the end."),
     ("Updates", "for facts that replace an older fact: new-answer accuracy at the end, and how often the stale answer still appears."),
-    ("Locality", "accuracy on never-shown control facts (absolute and relative to base), KL to the base model and perplexity ratio on unrelated text; tests collateral damage. With the router (`c2w-router`), each input goes through the adapters or the frozen base: `Routed` is the share of each kind sent through the adapters, the `unrouted` columns the same weights at the end with the adapters always on."),
+    ("Locality", "accuracy on never-shown control facts (absolute and relative to base), KL to the base model and perplexity ratio on unrelated text; tests collateral damage. With the router (on in `c2w` since session 12; off in `c2w-no-router`), each input goes through the adapters or the frozen base: `Routed` is the share of each kind sent through the adapters, the `unrouted` columns the same weights at the end with the adapters always on."),
     ("Learning speed", "normalised area under current-episode accuracy vs write steps (1.0 = perfect from the first step)."),
     ("Gate", "how many records of each role the write gate chose to write (ideally: learn yes; noise, known, duplicate no)."),
     ("Cost", "trained tokens, estimated FLOPs, wall/train time, peak memory, trainable parameters, persistent state per record, probe latency relative to the base model."),
