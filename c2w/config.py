@@ -78,6 +78,7 @@ class C2WConfig:
     router: bool = field(default=True, metadata={"help": "switch the adapters on only for inputs about something written (memory/router.py); off: always on"})
     router_layer: int = field(default=4, metadata={"help": "router: the base block whose hidden states are the keys"})
     router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (2/3 contrast set, 1/3 held-out threshold)"})
+    share_batch: bool = field(default=False, metadata={"help": "when the gate writes a share s of an episode (budget s x), keep the step count and train on batches of s x batch_size texts; off: full batches, s x the steps"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
     max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
 
