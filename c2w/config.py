@@ -77,8 +77,7 @@ class C2WConfig:
     # (routing changes no training), general-text KL 0.03 vs 0.36 (BENCHMARKS.md, session 12).
     router: bool = field(default=True, metadata={"help": "switch the adapters on only for inputs about something written (memory/router.py); off: always on"})
     router_layer: int = field(default=4, metadata={"help": "router: the base block whose hidden states are the keys"})
-    router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (2/3 contrast set, 1/3 held-out threshold)"})
-    share_batch: bool = field(default=False, metadata={"help": "when the gate writes a share s of an episode (budget s x), keep the step count and train on batches of s x batch_size texts; off: full batches, s x the steps"})
+    router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (three folds: each third held out once against the rest, memory/router.py)"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
     max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
 
@@ -123,6 +122,10 @@ class GateConfig:
     # 0.011: validation noise scores <= 0.011 on the base, but new facts fall to 0.012 once the
     # model holds related facts, so no wider margin exists (0.014 turned away 2 of 24 new facts).
     min_learnability: float = field(default=0.011, metadata={"help": "relative NLL fall after one trial step (noise barely moves)"})
+    # 3.4: between the validation streams' highest new fact (3.08 nats per byte on the base, a short
+    # sentence of two invented names) and their lowest random-string noise (3.66); fluent text in any
+    # language sits far below (BENCHMARKS.md, session 13). Learnability alone let 0.17 of the noise through.
+    max_nats_per_byte: float = field(default=3.4, metadata={"help": "write nothing the frozen base cannot compress below this many nats per UTF-8 byte (not language); 0 = off"})
     trial_lr: float = field(default=3e-2, metadata={"help": "step size of the learnability probe (normalised gradient)"})
     # "Known" means the backbone knew it before anything was written; on the current model, a restated
     # or related fact about something already written would look known (and written facts are the

@@ -44,12 +44,12 @@ def main() -> None:
     groups = {"written": written,
               "related": [f for f in facts[a.written:] if f.subject in subjects],
               "other": [f for f in facts[a.written:] if f.subject not in subjects]}
-    print(f"threshold {router.threshold:.3f}; e.g. written {written[0].statement!r}, asked {written[0].prompt!r}")
-    print("| questions | n | sent through the adapters | margin median | margin max |")
+    print(f"fold thresholds {' '.join(f'{t:.3f}' for t in router.thresholds)}; e.g. written {written[0].statement!r}, asked {written[0].prompt!r}")
+    print("| questions | n | sent through the adapters | score median | score max |")
     print("|---|---|---|---|---|")
     for name, fs in groups.items():
         s = np.array(router.score(base_hidden(m, tok, [f.prompt for f in fs], a.layer)))
-        print(f"| {name} | {len(fs)} | {np.mean(s > router.threshold):.2f} | {np.median(s):.3f} | {s.max():.3f} |")
+        print(f"| {name} | {len(fs)} | {np.mean(s > 0):.2f} | {np.median(s):.3f} | {s.max():.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The c2w learner on the tiny model: gate ranking, sleep keeps buffered facts, ablations run."""
 
+import math
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from c2w.learners.c2w import ABLATIONS, C2W_METHODS, C2WConfig, C2WLearner
 from c2w.learners.full_ft import FullFTLearner
 from c2w.learners.lora import lora_config
 from c2w.memory.bank import AdapterBank
-from c2w.memory.gate import GateConfig, score_texts
+from c2w.memory.gate import GateConfig, nats_per_byte, score_texts
 from c2w.streams.records import Observation
 
 NAMES = ["Arlen", "Bosk", "Corvin", "Dalia", "Eskel", "Fenna", "Gorm", "Hilde", "Ivar", "Jorun", "Kell", "Liss"]
@@ -44,11 +45,31 @@ def schooled(tiny):
 def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     known, new, noise = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [KNOWN, NEW, NOISE], [],
-                                    GateConfig(familiarity="units", min_unit_surprise=-1, min_novelty=0, min_learnability=-1))
+                                    GateConfig(familiarity="units", min_unit_surprise=-1, min_novelty=0, min_learnability=-1,
+                                               max_nats_per_byte=0))
     assert new.unit_surprise > known.unit_surprise  # the known fact's units are predictable
     assert new.learnability > noise.learnability  # noise is surprising but barely learnable
+    assert noise.nats_per_byte > new.nats_per_byte > known.nats_per_byte  # and it does not compress
     dup = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW], [NEW], GateConfig())[0]
     assert dup.novelty == 0.0 and not dup.write and dup.reason == "duplicate"
+
+
+def test_the_gate_turns_away_text_that_does_not_compress_without_a_trial_step(schooled):
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    new, noise = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW, NOISE], [],
+                             GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
+    assert noise.nats_per_byte > GateConfig().max_nats_per_byte > new.nats_per_byte
+    assert (noise.write, noise.reason) == (False, "not language") and math.isnan(noise.learnability)
+    assert new.write and math.isfinite(new.learnability)
+
+
+def test_nats_per_byte_is_the_summed_nll_over_the_bytes_scored(tiny):
+    text = "Quentor Vilsk was born in Sarnavel."
+    n = len(tiny.tokenizer(text, add_special_tokens=False).input_ids)
+    assert nats_per_byte(tiny.tokenizer, text, 2.0) == pytest.approx(2.0 * (n - 1) / len(text.encode()))
+    long = " ".join([text] * 40)  # past max_len: only the scored head counts
+    head = tiny.tokenizer.decode(tiny.tokenizer(long, add_special_tokens=False).input_ids[:16])
+    assert nats_per_byte(tiny.tokenizer, long, 2.0, max_len=16) == pytest.approx(2.0 * 15 / len(head.encode()))
 
 
 def test_sleep_does_not_lower_recall_of_buffered_facts(tiny):
@@ -73,7 +94,7 @@ def test_gate_off_writes_everything_and_gate_on_skips_exact_duplicates(tiny):
     off = make_learner("c2w-no-gate", tiny, cfg)
     off.observe(0, obs)
     assert off.written_ids == {"a", "b"}
-    on = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False), GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
+    on = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False), GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1, max_nats_per_byte=0))
     on.observe(0, obs)
     assert on.written_ids == {"a"} and [g["reason"] for g in on.gate_log] == ["write", "duplicate"]
 
@@ -97,7 +118,7 @@ def test_every_ablation_runs_within_budget(tiny, method):
 def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     # exact duplicates are turned away by novelty alone (the other signals are switched off here)
     cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)
-    gate = GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1)
+    gate = GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1, max_nats_per_byte=0)
     learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False), gate)
     a, b = "Mira Talvik was born in Oskeln.", "Pell Odrin works for Vask."
     learner.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
@@ -131,7 +152,7 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
 @pytest.mark.parametrize("rule", ["units", "words"])
 def test_both_familiarity_rules_find_the_known_fact_more_familiar(schooled, rule):
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
-    cfg = GateConfig(familiarity=rule, min_unit_surprise=-1, min_word_surprise=-1, min_novelty=0, min_learnability=-1)
+    cfg = GateConfig(familiarity=rule, min_unit_surprise=-1, min_word_surprise=-1, min_novelty=0, min_learnability=-1, max_nats_per_byte=0)
     known, new = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [KNOWN, NEW], [], cfg)
     assert new.unit_surprise > known.unit_surprise
 
@@ -175,7 +196,7 @@ def test_the_cloze_rule_finds_the_known_fact_familiar_and_the_new_one_not(school
     known, new, none = cloze_familiarity(schooled_qa.model, schooled_qa.tokenizer, [KNOWN, NEW, "no names here"])
     assert new > known + 2.0  # every part of the known fact is predictable from the rest; not so the new one
     assert none == float("inf")  # nothing to ask about: never "known"
-    cfg = GateConfig(familiarity="cloze", cloze_threshold=(known + new) / 2, min_novelty=0, min_learnability=-1)
+    cfg = GateConfig(familiarity="cloze", cloze_threshold=(known + new) / 2, min_novelty=0, min_learnability=-1, max_nats_per_byte=0)
     bank = AdapterBank(schooled_qa.model, lora_config(LearnerConfig()))
     k, n, z = score_texts(bank.model, schooled_qa.tokenizer, bank.fast_params(), [KNOWN, NEW, NOISE], [], cfg)
     assert (k.reason, n.reason) == ("known", "write")

@@ -49,6 +49,39 @@ def test_router_state_round_trips(tiny):
     assert r2.threshold == r.threshold and r2.score(h) == r.score(h)
 
 
+def test_each_calibration_text_is_held_out_once_against_the_others(tiny):
+    r = router_for(tiny)
+    hid = base_hidden(tiny.model, tiny.tokenizer, BASE_TEXTS, 4)
+    assert len(r.folds) == Router.FOLDS and sum(len(neg) for _, neg in r.folds) == len(BASE_TEXTS)
+    for f, (contrast, neg) in enumerate(r.folds):
+        held = [i for i in range(len(hid)) if i % Router.FOLDS == f]
+        assert all(torch.equal(n, hid[i]) for n, i in zip(neg, held))
+        assert len(contrast) == sum(len(h) for i, h in enumerate(hid) if i not in held)
+
+
+def test_score_is_the_mean_over_folds_of_margin_minus_threshold(tiny):
+    r = router_for(tiny)
+    r.add(base_hidden(tiny.model, tiny.tokenizer, [WRITTEN], r.layer))
+    h = base_hidden(tiny.model, tiny.tokenizer, ["Where was Quentor Vilsk born?"], r.layer)[0]
+    by_fold = []
+    for (contrast, neg), t in zip(r.folds, r.thresholds):
+        m = lambda x: float(((x.float() @ r.keys.float().T).amax(1) - (x.float() @ contrast.float().T).amax(1)).max())  # noqa: E731
+        assert t == pytest.approx(max(m(n) for n in neg))
+        by_fold.append(m(h) - t)
+    assert r.score([h])[0] == pytest.approx(sum(by_fold) / len(by_fold))
+
+
+def test_a_session_12_router_state_still_loads(tiny):
+    """Session 12 saved one contrast set and one set of negatives; such a state keeps that rule."""
+    hid = base_hidden(tiny.model, tiny.tokenizer, BASE_TEXTS, 4)
+    keys = base_hidden(tiny.model, tiny.tokenizer, [WRITTEN], 4)[0]
+    old = {"layer": 4, "contrast": torch.cat(hid[:4]), "negatives": hid[4:], "keys": keys}
+    r = Router.from_state_dict(old)
+    assert len(r.folds) == 1 and set(r.state_dict()) == set(old)
+    qs = ["Where was Quentor Vilsk born?", "Music is"]
+    assert r.route(base_hidden(tiny.model, tiny.tokenizer, qs, 4)) == [True, False]
+
+
 def test_base_hidden_ignores_adapters_and_padding(tiny):
     learner = C2WLearner(tiny, LearnerConfig(lr=5e-2, token_budget=200, batch_size=2, seed=0),
                          C2WConfig(gate=False, paraphrase=False, rehearsal=False, sleep=False))

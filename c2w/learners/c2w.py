@@ -111,15 +111,8 @@ class C2WLearner(Learner):
         budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
         extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
-                               epoch_sampler(views, self._batch(), self.rng), budget, self.cfg.max_len,
+                               epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
                                self.cost, self.flops_per_token, self.cfg.progress_points, extra)
-
-    def _batch(self) -> int:
-        """Texts per write step. With `share_batch`, an episode the gate wrote a share s of takes as
-        many steps as a full one, each on s x the texts: fewer records need no fewer updates."""
-        if not self.c2w.share_batch:
-            return self.cfg.batch_size
-        return max(1, round(self.cfg.batch_size * self.share))
 
     def _gate_tokens(self, texts: list[str], scores) -> int:
         """Forward-pass tokens the gate spent: the signals pass (and one on the base) on every text
@@ -191,7 +184,7 @@ class C2WLearner(Learner):
         def replay_batch() -> list[str]:
             if not self.c2w.replay:  # without replay, sleep only rehearses (and consolidates)
                 return []
-            picked = self.buffer.sample(self._batch(), self.rng, self.c2w.prioritised)
+            picked = self.buffer.sample(self.cfg.batch_size, self.rng, self.c2w.prioritised)
             return [self.rng.choice(e.views) for e in picked]
 
         if budget > 0 and (self.c2w.replay or self.rehearsal is not None):

@@ -23,9 +23,13 @@ default, `familiarity_on_base`):
 - uncertainty: mean predictive entropy over the text's positions;
 - novelty: 1 - the largest word-set overlap (Jaccard) with texts already stored or seen this
   episode (exact and near duplicates score ~0);
+- compressibility: nats per UTF-8 byte of the text on the frozen base (with `familiarity_on_base`).
+  Language, new names included, compresses; random strings do not (3.66-4.12 nats per byte on
+  the validation streams against at most 3.08 for a new fact). Above `max_nats_per_byte` a text is
+  "not language" and skips the trial step;
 - learnability: relative fall of the text's NLL after one trial gradient step on it, undone
   afterwards. Facts in fluent language drop fast; random noise is surprising but barely moves.
-Decision: write when novelty, familiarity and learnability all clear their thresholds;
+Decision: write when novelty, familiarity, compressibility and learnability all clear their thresholds;
 optionally keep only the top-k by surprise x learnability (budget-aware). Thresholds were set on
 validation streams (seeds 1000 and up) only.
 """
@@ -56,6 +60,7 @@ class GateScore:
     learnability: float
     write: bool = False
     reason: str = ""
+    nats_per_byte: float = float("nan")
 
 
 def _words(t: str) -> set[str]:
@@ -118,6 +123,13 @@ def text_signals(model, tokenizer, texts: list[str], max_len: int = 128, rule: s
         out.append((nll.mean().item() if len(nll) else 0.0, ent.mean().item() if len(ent) else 0.0,
                     max(scored) if scored else float("inf")))
     return out
+
+
+def nats_per_byte(tokenizer, text: str, mean_nll: float, max_len: int = 128) -> float:
+    """A text's summed next-token NLL (mean_nll over its first max_len tokens, as text_signals
+    scores them) per UTF-8 byte of the part scored."""
+    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_len).input_ids
+    return mean_nll * max(len(ids) - 1, 0) / max(1, len(tokenizer.decode(ids).encode()))
 
 
 def cloze_pairs(texts: list[str]) -> list[tuple[int, str, str]]:
@@ -185,11 +197,14 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
     on_base = cfg.familiarity_on_base and hasattr(model, "disable_adapter")
     # on the base, the current model's pass gives surprise and uncertainty only (`units` comes free with it)
     sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule="units" if on_base else cfg.familiarity)
+    base_nll = [s for s, _, _ in sig]  # per-byte cost on the base when it runs, else on the current model
     if on_base:
         with model.disable_adapter():
-            base_fam = [f for _, _, f in text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)]
-        sig = [(s, u, f) for (s, u, _), f in zip(sig, base_fam)]
+            base_sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)
+        sig = [(s, u, f) for (s, u, _), (_, _, f) in zip(sig, base_sig)]
+        base_nll = [s for s, _, _ in base_sig]
     by_text = dict(zip(fresh, sig))
+    per_byte = {k: nats_per_byte(tokenizer, texts[k], n) for k, n in zip(fresh, base_nll)}
     out = []
     for k, t in enumerate(texts):
         if k not in by_text:
@@ -197,10 +212,13 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
             continue
         s, u, fam = by_text[k]
         known = fam < cfg.familiarity_threshold
-        lrn = float("nan") if known else learnability(model, tokenizer, params, t, cfg.trial_lr)
-        g = GateScore(s, u, fam, nov[k], lrn)
+        garbled = bool(cfg.max_nats_per_byte) and per_byte[k] > cfg.max_nats_per_byte
+        lrn = float("nan") if known or garbled else learnability(model, tokenizer, params, t, cfg.trial_lr)
+        g = GateScore(s, u, fam, nov[k], lrn, nats_per_byte=per_byte[k])
         if known:
             g.reason = "known"
+        elif garbled:
+            g.reason = "not language"
         elif not lrn >= cfg.min_learnability:
             g.reason = "not learnable"
         else:

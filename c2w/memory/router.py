@@ -9,8 +9,8 @@ vectors). A token of an input is "about something written" by its margin
 where the contrast set is text the base writes itself: a token that base text explains as well as
 the written text does (function words, common relations) earns nothing; a name only the written
 text has earns a lot. An input goes through the adapters when its largest token margin exceeds the
-largest margin of any held-out base-written text (the threshold), so nothing about the evaluation
-tunes it. No text is stored or retrieved: the router only decides adapters on or off.
+largest margin of any held-out base-written text (the threshold; three folds, see Router), so
+nothing about the evaluation tunes it. No text is stored or retrieved: the router only decides adapters on or off.
 The first position is dropped everywhere: its hidden state is the attention sink, the same for
 every input.
 """
@@ -74,50 +74,84 @@ def base_hidden(model, tokenizer, texts: list[str], layer: int, max_len: int = 1
 
 
 class Router:
-    """keys of written tokens + a contrast set and held-out negatives of base-written text."""
+    """Keys of written tokens, scored against folds of base-written text.
 
-    def __init__(self, contrast: torch.Tensor, negatives: list[torch.Tensor], layer: int):
+    Each fold is (contrast set, held-out negatives): the calibration texts are split in `FOLDS`
+    parts by index (i % FOLDS); each part is held out once, against the rest as contrast. A fold's
+    threshold is the largest margin of its negatives. An input's score is the mean over folds of
+    (its largest token margin - the fold's threshold), and it goes through the adapters when the
+    score is > 0. One held-out third alone made a threshold that swung with the sample (0.10-0.33
+    on the dev set of scripts/router_dev.py); the mean of three folds routed less general text on
+    at the same recall there (BENCHMARKS.md, session 13).
+    """
+
+    FOLDS = 3
+
+    def __init__(self, folds: list[tuple[torch.Tensor, list[torch.Tensor]]], layer: int,
+                 calibration: list[torch.Tensor] | None = None):
         self.layer = layer
-        self.contrast = contrast  # [n_c, d] fp16 unit vectors
-        self.negatives = negatives  # per held-out base text, [n_i, d]
-        self.keys = torch.zeros(0, contrast.shape[1], dtype=torch.float16)
-        self.threshold = float("inf")  # nothing written: everything goes to the base
+        self.folds = folds  # [(contrast [n_c, d] fp16 unit vectors, negatives: per held-out text [n_i, d])]
+        self.calibration = calibration  # per calibration text [n_i, d]; None for a state of session 12
+        self.keys = torch.zeros(0, folds[0][0].shape[1], dtype=torch.float16)
+        self.thresholds = [float("inf")] * len(folds)  # nothing written: everything goes to the base
+
+    @classmethod
+    def from_calibration(cls, hidden: list[torch.Tensor], layer: int) -> "Router":
+        k = cls.FOLDS
+        folds = [(torch.cat([h for i, h in enumerate(hidden) if i % k != f]), [h for i, h in enumerate(hidden) if i % k == f])
+                 for f in range(k)]
+        return cls(folds, layer, list(hidden))
 
     @classmethod
     def calibrate(cls, model, tokenizer, base_texts: list[str], layer: int) -> "Router":
-        """Two thirds of `base_texts` become the contrast set, the rest the held-out negatives."""
-        if len(base_texts) < 3:
-            raise ValueError(f"the router needs at least 3 base-written texts to calibrate, got {len(base_texts)}")
-        hid = base_hidden(model, tokenizer, base_texts, layer)
-        n = 2 * len(hid) // 3
-        return cls(torch.cat(hid[:n]), hid[n:], layer)
+        if len(base_texts) < cls.FOLDS:
+            raise ValueError(f"the router needs at least {cls.FOLDS} base-written texts to calibrate, got {len(base_texts)}")
+        return cls.from_calibration(base_hidden(model, tokenizer, base_texts, layer), layer)
 
-    def _margins(self, h: torch.Tensor) -> torch.Tensor:
-        """[n] token margins of one text's unit hidden states h [n, d]."""
+    @property
+    def threshold(self) -> float:
+        """The score above which an input goes through the adapters (inf while nothing is written)."""
+        return 0.0 if len(self.keys) else float("inf")
+
+    def _margin(self, h: torch.Tensor, contrast: torch.Tensor) -> float:
+        """The largest token margin of one text's unit hidden states h [n, d] against a contrast set."""
         if len(h) == 0 or len(self.keys) == 0:
-            return torch.full((len(h),), -2.0)
+            return -2.0
         h = h.float()
-        return (h @ self.keys.float().T).amax(1) - (h @ self.contrast.float().T).amax(1)
+        return float(((h @ self.keys.float().T).amax(1) - (h @ contrast.float().T).amax(1)).max())
 
     def score(self, hidden: list[torch.Tensor]) -> list[float]:
-        return [float(self._margins(h).max()) if len(h) else -2.0 for h in hidden]
+        """Per text, the mean over folds of (largest token margin - the fold's threshold)."""
+        if not len(self.keys):
+            return [float("-inf")] * len(hidden)
+        return [sum(self._margin(h, c) - t for (c, _), t in zip(self.folds, self.thresholds)) / len(self.folds)
+                for h in hidden]
 
     def add(self, hidden: list[torch.Tensor]) -> None:
-        """Store the written texts' token keys; the threshold is re-measured on the negatives."""
+        """Store the written texts' token keys; each fold's threshold is re-measured on its negatives."""
         self.keys = torch.cat([self.keys] + [h.half() for h in hidden])
-        self.threshold = max(self.score(self.negatives), default=float("inf")) if len(self.keys) else float("inf")
+        if len(self.keys):
+            self.thresholds = [max((self._margin(n, c) for n in neg), default=float("inf")) for c, neg in self.folds]
 
     def route(self, hidden: list[torch.Tensor]) -> list[bool]:
         return [s > self.threshold for s in self.score(hidden)]
 
     def state_dict(self) -> dict:
-        return {"layer": self.layer, "contrast": self.contrast, "negatives": self.negatives, "keys": self.keys}
+        if self.calibration is not None:
+            return {"layer": self.layer, "calibration": self.calibration, "keys": self.keys}
+        (c, neg), = self.folds
+        return {"layer": self.layer, "contrast": c, "negatives": neg, "keys": self.keys}
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "Router":
-        r = cls(sd["contrast"], list(sd["negatives"]), int(sd["layer"]))
+        if "calibration" in sd:
+            r = cls.from_calibration(list(sd["calibration"]), int(sd["layer"]))
+        else:  # session 12: one contrast set and one set of held-out negatives
+            r = cls([(sd["contrast"], list(sd["negatives"]))], int(sd["layer"]))
         r.add([sd["keys"]])
         return r
 
     def nbytes(self) -> int:
-        return 2 * (self.keys.numel() + self.contrast.numel() + sum(n.numel() for n in self.negatives))
+        """Keys plus calibration hidden states (each stored once)."""
+        cal = self.calibration if self.calibration is not None else [self.folds[0][0], *self.folds[0][1]]
+        return 2 * (self.keys.numel() + sum(h.numel() for h in cal))
