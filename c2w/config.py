@@ -123,8 +123,9 @@ class GateConfig:
     # model holds related facts, so no wider margin exists (0.014 turned away 2 of 24 new facts).
     min_learnability: float = field(default=0.011, metadata={"help": "relative NLL fall after one trial step (noise barely moves)"})
     # 3.4: between the validation streams' highest new fact (3.08 nats per byte on the base, a short
-    # sentence of two invented names) and their lowest random-string noise (3.66); fluent text in any
-    # language sits far below (BENCHMARKS.md, session 13). Learnability alone let 0.17 of the noise through.
+    # sentence of two invented names) and their lowest random-string noise (3.66). Other text sits far
+    # below: French, German, Spanish, Russian, Chinese, Japanese, code, a table row, a URL 0.68-2.19
+    # (scripts/gate_bytes.py; BENCHMARKS.md, session 13). Learnability alone let 0.17 of the noise through.
     max_nats_per_byte: float = field(default=3.4, metadata={"help": "write nothing the frozen base cannot compress below this many nats per UTF-8 byte (not language); 0 = off"})
     trial_lr: float = field(default=3e-2, metadata={"help": "step size of the learnability probe (normalised gradient)"})
     # "Known" means the backbone knew it before anything was written; on the current model, a restated

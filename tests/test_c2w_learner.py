@@ -266,3 +266,12 @@ def test_lora_targets_take_a_comma_list_and_c2w_runs_on_mlp_only_adapters(tiny):
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in learner.model.named_parameters() if ".lora_A" in n}
     assert adapted == {"gate_proj", "up_proj", "down_proj"}
     assert 0 < learner.cost.trained_tokens <= 200
+
+
+def test_the_gate_module_imports_on_its_own():
+    """c2w.learners imports the gate; the gate must not need c2w.learners imported first."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import c2w.memory.gate"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -25,7 +25,8 @@ default, `familiarity_on_base`):
   episode (exact and near duplicates score ~0);
 - compressibility: nats per UTF-8 byte of the text on the frozen base (with `familiarity_on_base`).
   Language, new names included, compresses; random strings do not (3.66-4.12 nats per byte on
-  the validation streams against at most 3.08 for a new fact). Above `max_nats_per_byte` a text is
+  the validation streams against at most 3.08 for a new fact; other languages, code and tables
+  0.68-2.19, scripts/gate_bytes.py). Above `max_nats_per_byte` a text is
   "not language" and skips the trial step;
 - learnability: relative fall of the text's NLL after one trial gradient step on it, undone
   afterwards. Facts in fluent language drop fast; random noise is surprising but barely moves.
@@ -45,7 +46,6 @@ import torch
 from c2w.config import FAMILIARITY_RULES, GateConfig  # noqa: F401  (GateConfig re-exported)
 from c2w.evaluation.scoring import normalise
 from c2w.fast import lm_loss
-from c2w.learners.train import collate
 from c2w.memory.views import MAX_SPANS, ask, salient_spans, sentences
 
 RULES = FAMILIARITY_RULES
@@ -170,6 +170,8 @@ def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 16, 
 
 def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: float, max_len: int = 128) -> float:
     """Relative NLL drop after one normalised-gradient step on `text` alone; parameters restored."""
+    from c2w.learners.train import collate  # here, not at the top: c2w.learners imports this module
+
     dev = next(model.parameters()).device
     ids, att = collate(tokenizer, [text], max_len, dev)
     loss = lm_loss(model, ids, att, att.bool())
