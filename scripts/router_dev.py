@@ -14,7 +14,6 @@ Every layer of one forward is scored, and several thresholds, for a few calibrat
 from __future__ import annotations
 
 import argparse
-import random
 
 import numpy as np
 import torch
