@@ -6,9 +6,12 @@ Two sources, neither of which is reported by the bench or by scripts/router_stre
             the adapters) and about the other half (should go to the base);
   fictional the observed learn texts of the built-in stream on validation seeds (>= 1000), written
             all at once; then their probes (on) and general-text passages (off).
-Every layer of one forward is scored, and several thresholds, for a few calibration seeds:
+The chosen blocks of one forward are scored under three threshold rules, per calibration seed:
+  one        one held-out third of the calibration texts (session 12's router);
+  fold-mean  three folds, mean of (margin - fold threshold) > 0 (router.py since session 13);
+  fold-all   three folds, every fold's margin above its threshold.
 
-    .venv/bin/python scripts/router_dev.py [--seeds 0,1,2] [--layers 2,4,6,8]
+    .venv/bin/python scripts/router_dev.py [--seeds 1005,1006] [--layers 2,4,6,8]
 """
 
 from __future__ import annotations
