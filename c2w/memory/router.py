@@ -82,7 +82,7 @@ class Router:
     (its largest token margin - the fold's threshold), and it goes through the adapters when the
     score is > 0. One held-out third alone made a threshold that swung with the sample (0.10-0.33
     on the dev set of scripts/router_dev.py); the mean of three folds routed less general text on
-    at the same recall there (BENCHMARKS.md, session 13).
+    at about the same recall there (BENCHMARKS.md, session 13).
     """
 
     FOLDS = 3
