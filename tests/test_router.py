@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from c2w.evaluation.drift import base_logprobs, drift, encode_passages
+from c2w.evaluation.drift import base_logprobs, drift, drift_rows, encode_passages, summarise_drift
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate
 from c2w.learners import LearnerConfig
@@ -132,6 +132,9 @@ def test_drift_of_text_routed_to_the_base_is_zero(tiny):
         half = drift(learner.model, passages, blp, [True, False])
     assert full["kl"] > 0 and off == {"kl": 0.0, "ppl_ratio": 1.0}
     assert 0 < half["kl"] < full["kl"]
+    rows = drift_rows(learner.model, passages, blp)  # one pass serves the routed and unrouted drift
+    assert summarise_drift(rows) == full and summarise_drift(rows, [True, False]) == half
+    assert summarise_drift(rows, [False, False]) == off
 
 
 def test_a_routed_c2w_learner_keys_what_it_writes(tiny):

@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from c2w.evaluation import metrics as M
-from c2w.evaluation.drift import drift
+from c2w.evaluation.drift import drift, drift_rows, summarise_drift
 from c2w.evaluation.memory import PeakMemory
 from c2w.evaluation.probeset import ProbeSet
 from c2w.evaluation.scoring import format_prompts, score_probes
@@ -150,10 +149,12 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
         locality.update({"kl": 0.0, "ppl_ratio": 1.0})  # would only measure the bf16 rounding of base_lp)
     else:
         text_on = learner.route([learner.tokenizer.decode(p) for p in ctx.passages])
-        with torch.no_grad():
-            locality.update(drift(learner.model, ctx.passages, ctx.base_lp, text_on))
-            if text_on is not None:  # what the weights alone would do to general text, unrouted
-                locality["kl_unrouted"] = drift(learner.model, ctx.passages, ctx.base_lp)["kl"]
+        if text_on is None:
+            locality.update(drift(learner.model, ctx.passages, ctx.base_lp))
+        else:  # every passage once through the weights: routed, and what the weights alone would do
+            rows = drift_rows(learner.model, ctx.passages, ctx.base_lp)
+            locality.update(summarise_drift(rows, text_on))
+            locality["kl_unrouted"] = summarise_drift(rows)["kl"]
         if text_on is not None:
             locality["routed_text"] = float(np.mean(text_on)) if text_on else np.nan
     if final.routed is not None:  # share of each kind of probe the router sent through the adapters

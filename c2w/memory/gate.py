@@ -199,14 +199,13 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
     on_base = cfg.familiarity_on_base and hasattr(model, "disable_adapter")
     # on the base, the current model's pass gives surprise and uncertainty only (`units` comes free with it)
     sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule="units" if on_base else cfg.familiarity)
-    base_nll = [s for s, _, _ in sig]  # per-byte cost on the base when it runs, else on the current model
+    base_sig = sig  # compressibility is measured on the base when it runs, else on the current model
     if on_base:
         with model.disable_adapter():
             base_sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)
         sig = [(s, u, f) for (s, u, _), (_, _, f) in zip(sig, base_sig)]
-        base_nll = [s for s, _, _ in base_sig]
     by_text = dict(zip(fresh, sig))
-    per_byte = {k: nats_per_byte(tokenizer, texts[k], n) for k, n in zip(fresh, base_nll)}
+    per_byte = {k: nats_per_byte(tokenizer, texts[k], nll) for k, (nll, _, _) in zip(fresh, base_sig)}
     out = []
     for k, t in enumerate(texts):
         if k not in by_text:

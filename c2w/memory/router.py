@@ -113,19 +113,24 @@ class Router:
         """The score above which an input goes through the adapters (inf while nothing is written)."""
         return 0.0 if len(self.keys) else float("inf")
 
-    def _margin(self, h: torch.Tensor, contrast: torch.Tensor) -> float:
-        """The largest token margin of one text's unit hidden states h [n, d] against a contrast set."""
+    def _margin(self, h: torch.Tensor, contrast: torch.Tensor, near: torch.Tensor | None = None) -> float:
+        """The largest token margin of one text's unit hidden states h [n, d] against a contrast set;
+        `near` [n], each token's best cosine to a key, when the caller already has it."""
         if len(h) == 0 or len(self.keys) == 0:
             return -2.0
         h = h.float()
-        return float(((h @ self.keys.float().T).amax(1) - (h @ contrast.float().T).amax(1)).max())
+        near = (h @ self.keys.float().T).amax(1) if near is None else near
+        return float((near - (h @ contrast.float().T).amax(1)).max())
 
     def score(self, hidden: list[torch.Tensor]) -> list[float]:
         """Per text, the mean over folds of (largest token margin - the fold's threshold)."""
         if not len(self.keys):
             return [float("-inf")] * len(hidden)
-        return [sum(self._margin(h, c) - t for (c, _), t in zip(self.folds, self.thresholds)) / len(self.folds)
-                for h in hidden]
+        out = []
+        for h in hidden:  # the keys' side of the margin is the same in every fold: computed once
+            near = (h.float() @ self.keys.float().T).amax(1) if len(h) else None
+            out.append(sum(self._margin(h, c, near) - t for (c, _), t in zip(self.folds, self.thresholds)) / len(self.folds))
+        return out
 
     def add(self, hidden: list[torch.Tensor]) -> None:
         """Store the written texts' token keys; each fold's threshold is re-measured on its negatives."""
