@@ -29,7 +29,7 @@ class LearnerConfig:
     replay_fraction: float = field(default=0.5, metadata={"help": "share of each batch drawn from the replay buffer"})
     buffer_size: int = field(default=256, metadata={"help": "replay buffer capacity in texts (reservoir sampling)"})
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
-    progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, inside the write"})
+    progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
     seed: int = 0
 
 
@@ -187,7 +187,7 @@ class BenchConfig:
     token_budget: int | None = field(default=None, metadata={"help": "trained tokens per episode, for every weight-writing method"})
     lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
     lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
-    progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode's write"})
+    progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode (at equal shares of its trained tokens; c2w: sleep included)"})
     validation_seed: int = field(default=FIRST_VALIDATION_SEED, metadata={"help": "seed used only to choose hyperparameters, never reported"})
 
     def resolved(self) -> "BenchConfig":

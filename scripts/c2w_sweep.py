@@ -30,7 +30,7 @@ from c2w.memory.gate import GateConfig
 from c2w.streams.controls import add_controls
 
 
-KEYS = ("acc", "learning_accuracy", "bwt", "forgetting", "control_acc", "kl")
+KEYS = ("acc", "learning_accuracy", "bwt", "forgetting", "control_acc", "kl", "auc")
 
 
 def seeds_arg(text: str) -> list[int]:
@@ -51,8 +51,10 @@ def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
     r = run_learner(learner, ctx, base)
     return {"acc": r["acc"], "learning_accuracy": r["learning_accuracy"], "bwt": r["bwt"], "forgetting": r["forgetting"],
             "control_acc": r["locality"]["control_acc"], "kl": r["locality"]["kl"], "updates": r["updates"],
+            "auc": r["learning_speed"]["auc"], "curve": r["learning_speed"]["acc"],
             "gate": r["gate"], "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0,
-            "flops": r["cost"]["flops"], "trained_tokens": r["cost"]["trained_tokens"],
+            "flops": r["cost"]["flops"], "write_flops": r["cost"]["write_flops"], "flops_by": r["cost"]["flops_by"],
+            "trained_tokens": r["cost"]["trained_tokens"],
             "gate_log": r.get("gate_log", []), "locality": r["locality"]}  # the runner adds each record's role
 
 

@@ -35,7 +35,7 @@ def main() -> None:
     recs = [r for r in stream.records if r.text.strip()]
     rows = []
     for r, (nll, ent, fam) in zip(recs, text_signals(bank.model, bb.tokenizer, [r.text for r in recs], rule=a.familiarity)):
-        lrn = learnability(bank.model, bb.tokenizer, bank.fast_params(), r.text, gate.trial_lr)
+        lrn, _ = learnability(bank.model, bb.tokenizer, bank.fast_params(), r.text, gate.trial_lr)
         rows.append({"role": r.role, "text": r.text, "surprise": nll, "uncertainty": ent, "familiarity": fam, "learnability": lrn})
     print(f"{'role':10s} {'surprise':>8s} {'familiar':>8s} {'learnab':>8s}  text")
     for row in sorted(rows, key=lambda x: (x["role"], x["familiarity"])):

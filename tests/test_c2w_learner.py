@@ -60,6 +60,7 @@ def test_the_gate_turns_away_text_that_does_not_compress_without_a_trial_step(sc
                              GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1))
     assert noise.nats_per_byte > GateConfig().max_nats_per_byte > new.nats_per_byte
     assert (noise.write, noise.reason) == (False, "not language") and math.isnan(noise.learnability)
+    assert math.isnan(noise.surprise)  # no trial, so the current model never scored it: no extra pass for it
     assert new.write and math.isfinite(new.learnability)
 
 
@@ -125,6 +126,13 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     learner.end_episode(0)
     assert learner.written_ids == {"a", "b"}
     assert learner.cost.trained_tokens == 200 // 2  # half written: half the budget, wake and sleep
+    # every FLOP is booked to one part; the write compute is all but the one-time setup
+    by = learner.cost.flops_by
+    assert {"setup", "gate", "keys", "wake", "sleep", "priorities"} <= set(by)
+    assert math.isclose(sum(by.values()), learner.cost.flops)
+    assert math.isclose(learner.cost.write_flops, learner.cost.flops - by["setup"])
+    # training FLOPs are booked per trained token, wake and sleep together
+    assert math.isclose(by["wake"] + by["sleep"], learner.flops_per_token * learner.cost.trained_tokens)
 
 
 def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
@@ -147,6 +155,12 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
     on_current = score_texts(bank.model, schooled.tokenizer, params, [NEW], [], cfg_cur)[0]
     assert on_base.unit_surprise == pytest.approx(before, abs=1e-4)
     assert on_current.unit_surprise < before - 1.0  # the adapter learned it: the current model finds it familiar
+    # surprise is the current model's mean NLL (the trial step's forward), familiarity the base's
+    from c2w.memory.gate import text_signals
+    (cur_nll, _, _), = text_signals(bank.model, schooled.tokenizer, [NEW])
+    with bank.model.disable_adapter():
+        (base_nll, _, _), = text_signals(bank.model, schooled.tokenizer, [NEW])
+    assert on_base.surprise == pytest.approx(cur_nll, abs=1e-4) and cur_nll < base_nll - 0.5
 
 
 @pytest.mark.parametrize("rule", ["units", "words"])
@@ -275,3 +289,22 @@ def test_the_gate_module_imports_on_its_own():
 
     r = subprocess.run([sys.executable, "-c", "import c2w.memory.gate"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_progress_points_sit_at_fractions_of_the_episode_budget_sleep_included(tiny):
+    """Learning speed compares learners at the same share of their episode's tokens: with the online
+    write a 0.25 share of the budget, the points at 1/3 and 2/3 fall inside the sleep."""
+    cfg = LearnerConfig(lr=1e-3, token_budget=240, batch_size=2, seed=0, progress_points=2)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6, wake_share=0.25))
+    obs = [Observation("a", 0, "Mira Talvik was born in Oskeln."), Observation("b", 0, "Pell Odrin works for Vask.")]
+    in_write = list(learner.observe_steps(0, obs))
+    after_write = learner.cost.trained_tokens
+    in_sleep = list(learner.end_episode_steps(0))
+    assert in_write == [] and after_write == 60
+    assert [tokens for _, tokens in in_sleep] == [pytest.approx(80, abs=30), pytest.approx(160, abs=30)]
+    assert all(tokens >= target for (_, tokens), target in zip(in_sleep, (80, 160)))
+    assert learner.cost.trained_tokens == 240 and learner.sleeps == 1
+    # without a sleep, every point is in the write, as for the baselines
+    flat = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6, sleep=False))
+    assert [t for _, t in flat.observe_steps(0, obs)] == [pytest.approx(80, abs=30), pytest.approx(160, abs=30)]
+    assert list(flat.end_episode_steps(0)) == []

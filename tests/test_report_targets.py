@@ -31,6 +31,15 @@ def test_gate_targets_need_a_stress_stream_and_no_targets_without_c2w():
     assert targets_markdown({"lora": _m(acc=0.1)}) == []
 
 
+def test_gate_compute_target_leaves_out_the_one_time_setup():
+    # both arms pay the same setup (40); the target compares what writing the stream cost
+    c2w = _m(acc=0.30, gate__written_noise=0.0, cost__flops=90.0, cost__write_flops=50.0)
+    ng = _m(acc=0.31, cost__flops=140.0, cost__write_flops=100.0)
+    rows = {r[0]: r for r in target_rows({"c2w": c2w, "c2w-no-gate": ng})}
+    assert rows["write compute (FLOPs) vs no-gate"][3] == "0.500"
+    assert rows["write compute (FLOPs) vs no-gate"][-1] == "yes"
+
+
 def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path):
     import json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -106,10 +107,11 @@ def _run(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None) 
         prev = snaps[-1] if snaps else base
         curve = [float(prev.correct[cur].mean()) if cur else np.nan]
 
-        for _step, _tokens in learner.observe_steps(i, ctx.stream.observations(i)):
+        # progress points at fractions of the episode's budget, in the write or in what ends the episode
+        for _step, _tokens in itertools.chain(learner.observe_steps(i, ctx.stream.observations(i)),
+                                              learner.end_episode_steps(i)):
             if cur:  # the write is paused here; measure the current episode, then resume it
                 curve.append(float(evaluate(learner.model, tok, ctx, learner, cur, with_logprob=False).correct.mean()))
-        learner.end_episode(i)
         snaps.append(base if learner.static else evaluate(learner.model, tok, ctx, learner))
         curve.append(float(snaps[-1].correct[cur].mean()) if cur else np.nan)
         curves.append(curve)
@@ -204,6 +206,7 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
         "gate": gate,
         **({"gate_log": gate_log} if gate_log else {}),
         "cost": {"trained_tokens": c.trained_tokens, "train_steps": c.train_steps, "flops": c.flops,
+                 "write_flops": c.write_flops, "flops_by": dict(c.flops_by),
                  "train_s": c.train_s, "wall_s": wall, "trainable_params": c.trainable_params,
                  "state_bytes_per_record": learner.state_bytes() / n_written,
                  "probe_latency_ratio": final.seconds / max(base.seconds, 1e-9)},

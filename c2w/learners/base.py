@@ -6,7 +6,7 @@ The runner gives a learner only `Observation`s (id, episode, text). It never see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
 import torch
@@ -26,8 +26,20 @@ class Cost:
     trained_tokens: int = 0
     train_steps: int = 0
     train_s: float = 0.0
-    flops: float = 0.0
+    flops: float = 0.0  # everything, setup included
     trainable_params: int = 0
+    # FLOPs by part ("setup", "gate", "views", "keys", "wake", "sleep", "priorities"); "setup" is
+    # paid once when the learner is built, whatever the stream (the router's calibration).
+    flops_by: dict = field(default_factory=dict)
+
+    def add(self, flops: float, part: str) -> None:
+        self.flops += flops
+        self.flops_by[part] = self.flops_by.get(part, 0.0) + flops
+
+    @property
+    def write_flops(self) -> float:
+        """What writing the stream cost: all FLOPs but the one-time setup."""
+        return self.flops - self.flops_by.get("setup", 0.0)
 
 
 class Learner:
@@ -55,6 +67,12 @@ class Learner:
 
     def end_episode(self, episode: int) -> None:
         pass
+
+    def end_episode_steps(self, episode: int) -> Progress:
+        """`end_episode`, for the runner: a learner whose episode end trains (c2w's sleep) yields
+        (steps, tokens) at the progress points that fall there."""
+        self.end_episode(episode)
+        yield from ()
 
     @property
     def model(self) -> torch.nn.Module:

@@ -23,7 +23,7 @@ import torch
 
 from c2w.fast import make_optimizer
 from c2w.config import ABLATIONS, C2WConfig, GateConfig, LearnerConfig  # noqa: F401  (re-exported)
-from c2w.learners.base import Learner
+from c2w.learners.base import Learner, Progress
 from c2w.learners.lora import lora_config
 from c2w.learners.train import epoch_sampler, write_texts
 from c2w.memory.bank import FAST, AdapterBank
@@ -53,6 +53,7 @@ class C2WLearner(Learner):
         # The gate also decides how much: an episode spends budget x (written / observed), wake and
         # sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest.
         self.share = 1.0
+        self._sleep_marks: list[float] = []  # progress points that fall in the coming sleep (tokens into it)
         self._new_optimizer()
         n = backbone.n_params
         self.flops_fwd = 2 * n  # per token, forward only (gate signals, generation, priorities)
@@ -66,7 +67,7 @@ class C2WLearner(Learner):
                 seqs = sample_rehearsal(self.bank.model, self.tokenizer, self.c2w.n_rehearsal, seed=cfg.seed,
                                         prompts=openers(self.c2w.rehearsal_facts))
                 self.rehearsal = (seqs, teacher_logprobs(self.bank.model, seqs))
-            self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + teacher pass
+            self.cost.add(self.flops_fwd * sum(len(s) for s in seqs) * 2, "setup")  # sampling + teacher pass
         self.router: Router | None = None
         if self.c2w.router:
             with self.bank.model.disable_adapter():
@@ -74,7 +75,8 @@ class C2WLearner(Learner):
                                         prompts=openers(True))
             self.router = Router.calibrate(self.bank.model, self.tokenizer, [self.tokenizer.decode(s) for s in seqs],
                                            self.c2w.router_layer)
-            self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + (partial) key pass
+            # sampling (one forward per token, KV cache) + the key pass over the first router_layer blocks
+            self.cost.add(self.flops_fwd * sum(len(s) for s in seqs) * (1 + self._key_fraction()), "setup")
 
     def _new_optimizer(self) -> None:
         self.params = self.bank.fast_params()
@@ -88,7 +90,7 @@ class C2WLearner(Learner):
         texts = [o.text for o in obs]
         if self.c2w.gate:
             scores = score_texts(self.bank.model, self.tokenizer, self.params, texts, self.buffer.texts(), self.gate_cfg)
-            self.cost.flops += self.flops_fwd * self._gate_tokens(texts, scores)
+            self.cost.add(self.flops_fwd * self._gate_tokens(texts, scores), "gate")
             self.gate_log += [{"id": o.id, "episode": episode, **dataclasses.asdict(s)} for o, s in zip(obs, scores)]
             self.share = sum(s.write for s in scores) / len(obs)
             obs = [o for o, s in zip(obs, scores) if s.write]
@@ -98,7 +100,7 @@ class C2WLearner(Learner):
         if self.c2w.recombination and self.c2w.paraphrase:
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
                 para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
-            self.cost.flops += self.flops_fwd * 80 * len(obs)
+            self.cost.add(self.flops_fwd * 80 * len(obs), "views")
         entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style, self.c2w.end_words)) for o, p in zip(obs, para)]
         for e in entries:
             self.buffer.add(e)
@@ -109,18 +111,24 @@ class C2WLearner(Learner):
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
         budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        # Progress points sit at fractions of the whole episode's budget, as for every learner; those
+        # past the online write are measured inside the sleep that ends the episode.
+        p = self.cfg.progress_points
+        marks = [self.cfg.token_budget * self.share * k / (p + 1) for k in range(1, p + 1)]
+        self._sleep_marks = [m - budget for m in marks if m > budget]
         extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
-                               self.cost, self.flops_per_token, self.cfg.progress_points, extra)
+                               self.cost, self.flops_per_token, extra_loss=extra, part="wake",
+                               marks=[m for m in marks if m <= budget])
 
     def _gate_tokens(self, texts: list[str], scores) -> int:
-        """Forward-pass tokens the gate spent: the signals pass (and one on the base) on every text
-        but duplicates, the cloze questions, and the trial step (fwd, bwd, fwd) where it ran."""
+        """Forward-pass tokens the gate spent: the signals pass on every text but duplicates, the
+        cloze questions, and the trial step (fwd, bwd, fwd) where it ran."""
         n_tok = lambda ts: sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in ts)  # noqa: E731
-        scored = [t for t, s in zip(texts, scores) if math.isfinite(s.surprise)]
+        scored = [t for t, s in zip(texts, scores) if s.reason != "duplicate"]
         tried = [t for t, s in zip(texts, scores) if math.isfinite(s.learnability)]
-        total = n_tok(scored) * (2 if self.gate_cfg.familiarity_on_base else 1) + 3 * n_tok(tried)
+        total = n_tok(scored) + 3 * n_tok(tried)
         if self.gate_cfg.familiarity == "cloze":
             total += sum(len(self.tokenizer(q + a, add_special_tokens=False).input_ids) for _, q, a in cloze_pairs(scored))
         return total
@@ -136,7 +144,7 @@ class C2WLearner(Learner):
             seqs = sample_rehearsal(self.bank.model, self.tokenizer, len(prompts), max_new_tokens=8,
                                     seed=self.rng.randrange(2 ** 31), prompts=prompts)
             self.neighbours += list(zip(seqs, teacher_logprobs(self.bank.model, seqs)))
-        self.cost.flops += self.flops_fwd * sum(len(s) for s in seqs) * 2  # sampling + teacher pass
+        self.cost.add(self.flops_fwd * sum(len(s) for s in seqs) * 2, "rehearsal")  # sampling + teacher pass
 
     def _penalty(self, left: int = 0) -> tuple[torch.Tensor, int]:
         """Orthogonality of the fast update to the slow subspace (O-LoRA): sum_l |A_slow A_fast^T|^2."""
@@ -168,17 +176,27 @@ class C2WLearner(Learner):
         return pen + self.c2w.rehearsal_weight * kl, n
 
     # --- sleep ----------------------------------------------------------------------------------
-    def end_episode(self, episode: int) -> None:
+    def end_episode_steps(self, episode: int) -> Progress:
+        marks, self._sleep_marks = self._sleep_marks, []
         if self.c2w.sleep and self.buffer.entries:
-            self.sleep()
+            yield from self.sleep_steps(marks)
+
+    def end_episode(self, episode: int) -> None:
+        for _ in self.end_episode_steps(episode):
+            pass
 
     def sleep(self) -> None:
-        """Replay + rehearsal on the rest of the episode's budget, then consolidate fast -> slow."""
+        for _ in self.sleep_steps():
+            pass
+
+    def sleep_steps(self, marks: list[float] = ()) -> Progress:
+        """Replay + rehearsal on the rest of the episode's budget, then consolidate fast -> slow;
+        yields (steps, tokens) when the sleep's trained tokens cross `marks`."""
         entries = self.buffer.entries
         sig = text_signals(self.bank.model, self.tokenizer, [e.text for e in entries])
         for e, (nll, _, _) in zip(entries, sig):
             e.priority = nll
-        self.cost.flops += self.flops_fwd * sum(len(self.tokenizer(e.text).input_ids) for e in entries)
+        self.cost.add(self.flops_fwd * sum(len(self.tokenizer(e.text).input_ids) for e in entries), "priorities")
         budget = int(self.cfg.token_budget * self.share * (1 - self.c2w.wake_share))
 
         def replay_batch() -> list[str]:
@@ -188,9 +206,9 @@ class C2WLearner(Learner):
             return [self.rng.choice(e.views) for e in picked]
 
         if budget > 0 and (self.c2w.replay or self.rehearsal is not None):
-            for _ in write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
-                                 self.cfg.max_len, self.cost, self.flops_per_token, 0, self._rehearse):
-                pass
+            yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
+                                   self.cfg.max_len, self.cost, self.flops_per_token, extra_loss=self._rehearse,
+                                   part="sleep", marks=marks)
         self.bank.consolidate()
         self._new_optimizer()
         self.sleeps += 1
@@ -205,9 +223,13 @@ class C2WLearner(Learner):
         forward over the first router_layer blocks. (Routing a question at answer time is inference
         cost: it shows in the probe latency, not in the write budget.)"""
         hid = base_hidden(self.bank.model, self.tokenizer, texts, self.router.layer)
-        n_layers = getattr(self.bank.model.config, "num_hidden_layers", self.router.layer)
-        self.cost.flops += self.flops_fwd * min(1.0, self.router.layer / n_layers) * sum(len(h) + 1 for h in hid)
+        self.cost.add(self.flops_fwd * self._key_fraction() * sum(len(h) + 1 for h in hid), "keys")
         return hid
+
+    def _key_fraction(self) -> float:
+        """The share of a forward pass that a router key costs (blocks up to router_layer)."""
+        n_layers = getattr(self.bank.model.config, "num_hidden_layers", self.c2w.router_layer)
+        return min(1.0, self.c2w.router_layer / n_layers)
 
     def route(self, prompts: list[str]) -> list[bool] | None:
         if self.router is None:

@@ -23,17 +23,22 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
 def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
                 flops_per_token: float, progress_points: int = 0,
-                extra_loss: Callable[[int], tuple[torch.Tensor, int]] | None = None) -> Progress:
+                extra_loss: Callable[[int], tuple[torch.Tensor, int]] | None = None, part: str = "train",
+                marks: Sequence[float] | None = None) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
     Every batch's real (non-pad) tokens count, replayed ones included, and the last batch is cut so
     that the budget is never exceeded (methods compared at one budget spend the same tokens). Yields
-    (steps, tokens) when the spent budget crosses k/(progress_points+1), k = 1..progress_points.
+    (steps, tokens) when the spent budget crosses k/(progress_points+1), k = 1..progress_points, or
+    the token counts in `marks` when given.
     `extra_loss(left)` adds a term to every step (a penalty, or a rehearsal loss) with the tokens it
-    trained on (0 for a penalty), at most `left`, the budget still unspent.
+    trained on (0 for a penalty), at most `left`, the budget still unspent. Its FLOPs count under
+    `part` in `cost.flops_by`.
     """
     dev = next(model.parameters()).device
-    used, marks = 0, [token_budget * k / (progress_points + 1) for k in range(1, progress_points + 1)]
+    used = 0
+    marks = sorted(marks) if marks is not None else [token_budget * k / (progress_points + 1)
+                                                       for k in range(1, progress_points + 1)]
     while used < token_budget:
         t0 = time.perf_counter()
         loss, n = torch.zeros((), device=dev), 0
@@ -53,7 +58,7 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
         used += n
         cost.trained_tokens += n
         cost.train_steps += 1
-        cost.flops += flops_per_token * n
+        cost.add(flops_per_token * n, part)
         cost.train_s += time.perf_counter() - t0  # excludes the runner's work while we are paused
         while marks and used >= marks[0]:
             marks.pop(0)

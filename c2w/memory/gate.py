@@ -1,8 +1,9 @@
 """The write gate: decide, from the text alone and the current model, what is worth writing.
 
-Signals per text (on the current model, fast + slow adapters active; familiarity on the frozen base by
-default, `familiarity_on_base`):
-- surprise: mean next-token NLL of the text;
+Signals per text (on the current model, fast + slow adapters active; familiarity, compressibility and
+uncertainty on the frozen base by default, `familiarity_on_base`):
+- surprise: mean next-token NLL of the text on the current model (from the trial step's forward; nan
+  for a text turned away before the trial);
 - familiarity: how predictable the text's content is, three rules (`GateConfig.familiarity`):
   - `cloze` (default, on the frozen base): the largest summed NLL of a name or number asked for
     from the rest of its sentence ("Question: What is the capital city of Uganda?\nAnswer:" ->
@@ -168,8 +169,9 @@ def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 16, 
     return [w if w > float("-inf") else float("inf") for w in worst]
 
 
-def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: float, max_len: int = 128) -> float:
-    """Relative NLL drop after one normalised-gradient step on `text` alone; parameters restored."""
+def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: float, max_len: int = 128) -> tuple[float, float]:
+    """(relative NLL drop after one normalised-gradient step on `text` alone, the mean NLL before
+    it: the current model's surprise); parameters restored."""
     from c2w.learners.train import collate  # here, not at the top: c2w.learners imports this module
 
     dev = next(model.parameters()).device
@@ -185,7 +187,7 @@ def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: fl
         after = lm_loss(model, ids, att, att.bool()).item()
         for p, s in zip(params, saved):
             p.copy_(s)
-    return (loss.item() - after) / max(loss.item(), 1e-6)
+    return (loss.item() - after) / max(loss.item(), 1e-6), loss.item()
 
 
 def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], cfg: GateConfig) -> list[GateScore]:
@@ -197,15 +199,13 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
         seen.append(_words(t))
     fresh = [k for k, n in enumerate(nov) if n >= cfg.min_novelty]
     on_base = cfg.familiarity_on_base and hasattr(model, "disable_adapter")
-    # on the base, the current model's pass gives surprise and uncertainty only (`units` comes free with it)
-    sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule="units" if on_base else cfg.familiarity)
-    base_sig = sig  # compressibility is measured on the base when it runs, else on the current model
-    if on_base:
-        with model.disable_adapter():
-            base_sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)
-        sig = [(s, u, f) for (s, u, _), (_, _, f) in zip(sig, base_sig)]
+    # One pass per text: on the base (familiarity, compressibility, uncertainty) when `on_base`, else
+    # on the current model. No decision reads the current model's mean NLL; the trial step's first
+    # forward gives it for every text that is tried (surprise), so no second pass is spent on it.
+    with model.disable_adapter() if on_base else torch.no_grad():
+        sig = text_signals(model, tokenizer, [texts[k] for k in fresh], rule=cfg.familiarity)
     by_text = dict(zip(fresh, sig))
-    per_byte = {k: nats_per_byte(tokenizer, texts[k], nll) for k, (nll, _, _) in zip(fresh, base_sig)}
+    per_byte = {k: nats_per_byte(tokenizer, texts[k], nll) for k, (nll, _, _) in zip(fresh, sig)}
     out = []
     for k, t in enumerate(texts):
         if k not in by_text:
@@ -214,7 +214,11 @@ def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], c
         s, u, fam = by_text[k]
         known = fam < cfg.familiarity_threshold
         garbled = bool(cfg.max_nats_per_byte) and per_byte[k] > cfg.max_nats_per_byte
-        lrn = float("nan") if known or garbled else learnability(model, tokenizer, params, t, cfg.trial_lr)
+        lrn = float("nan")
+        if not (known or garbled):
+            lrn, s = learnability(model, tokenizer, params, t, cfg.trial_lr)
+        elif on_base:
+            s = float("nan")  # not tried: the current model's NLL was never computed
         g = GateScore(s, u, fam, nov[k], lrn, nats_per_byte=per_byte[k])
         if known:
             g.reason = "known"

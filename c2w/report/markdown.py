@@ -185,6 +185,9 @@ GROUPS: tuple[tuple[str, tuple[Column, ...]], ...] = (
     ("Cost", (
         ("Trained tokens", "cost.trained_tokens", f_si),
         ("FLOPs", "cost.flops", f_sci),
+        ("FLOPs: write (no setup)", "cost.write_flops", f_sci),
+        ("FLOPs: gate", "cost.flops_by.gate", f_sci),
+        ("FLOPs: setup", "cost.flops_by.setup", f_sci),
         ("Wall", "cost.wall_s", f_seconds),
         ("Train", "cost.train_s", f_seconds),
         ("Peak mem", "cost.peak_mem_mb", f_mb),
@@ -206,9 +209,9 @@ HOW_TO_READ: tuple[tuple[str, str], ...] = (
     ("Strict", "the same accuracies under strict (exact-prefix) answer matching; log-prob is the mean answer log-probability at the end."),
     ("Updates", "for facts that replace an older fact: new-answer accuracy at the end, and how often the stale answer still appears."),
     ("Locality", "accuracy on never-shown control facts (absolute and relative to base), KL to the base model and perplexity ratio on unrelated text; tests collateral damage. With the router (on in `c2w` since session 12; off in `c2w-no-router`), each input goes through the adapters or the frozen base: `Routed` is the share of each kind sent through the adapters, the `unrouted` columns the same weights at the end with the adapters always on."),
-    ("Learning speed", "normalised area under current-episode accuracy vs write steps (1.0 = perfect from the first step)."),
+    ("Learning speed", "normalised area under current-episode accuracy vs the share of the episode's tokens trained, c2w's sleep included (1.0 = perfect from the first step)."),
     ("Gate", "how many records of each role the write gate chose to write (ideally: learn yes; noise, known, duplicate no)."),
-    ("Cost", "trained tokens, estimated FLOPs, wall/train time, peak memory, trainable parameters, persistent state per record, probe latency relative to the base model."),
+    ("Cost", "trained tokens, estimated FLOPs (`write`: all but the one-time setup, i.e. the router's calibration; `gate`: the gate's own passes), wall/train time, peak memory, trainable parameters, persistent state per record, probe latency relative to the base model."),
 )
 
 
