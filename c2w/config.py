@@ -55,6 +55,9 @@ class C2WConfig:
     # 0.3, not 0.5: on validation seeds 1000-1002 of the 6 x 4 preset, equal ACC (0.262 vs 0.255) and
     # forgetting (0.253 vs 0.239) within their spread, lower general-text KL on all three seeds
     # (0.37 vs 0.56) and higher control accuracy (0.36 vs 0.17) (BENCHMARKS.md).
+    # 1 (in proportion) since session 10. Below 1 on the stress validation seeds only (session 14);
+    # not adopted: see BENCHMARKS.md.
+    budget_exponent: float = field(default=1.0, metadata={"help": "an episode spends token_budget x s^budget_exponent, s the share of its texts the gate wrote (1: in proportion; below 1: fewer records still get more steps each)"})
     wake_share: float = field(default=0.3, metadata={"help": "share of the episode budget for online writes; the rest is sleep"})
     # Off: on the validation seed it looked better (control 0.17 vs 0.08, one control), but on the
     # 3-seed ablation of the revised c2w, dropping it lowered forgetting (0.044 vs 0.221) at equal

@@ -50,8 +50,8 @@ class C2WLearner(Learner):
         self.buffer = EpisodicBuffer(self.c2w.buffer_capacity)
         self.gate_log: list[dict] = []
         self.sleeps = 0
-        # The gate also decides how much: an episode spends budget x (written / observed), wake and
-        # sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest.
+        # The gate also decides how much: an episode spends budget x (written / observed) ** budget_exponent,
+        # wake and sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest.
         self.share = 1.0
         self._sleep_marks: list[float] = []  # progress points that fall in the coming sleep (tokens into it)
         self._new_optimizer()
@@ -110,17 +110,21 @@ class C2WLearner(Learner):
         if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
-        budget = int(self.cfg.token_budget * self.share * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        budget = int(self._episode_budget() * (self.c2w.wake_share if self.c2w.sleep else 1.0))
         # Progress points sit at fractions of the whole episode's budget, as for every learner; those
         # past the online write are measured inside the sleep that ends the episode.
         p = self.cfg.progress_points
-        marks = [self.cfg.token_budget * self.share * k / (p + 1) for k in range(1, p + 1)]
+        marks = [self._episode_budget() * k / (p + 1) for k in range(1, p + 1)]
         self._sleep_marks = [m - budget for m in marks if m > budget]
         extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
                                self.cost, self.flops_per_token, extra_loss=extra, part="wake",
                                marks=[m for m in marks if m <= budget])
+
+    def _episode_budget(self) -> float:
+        """Trained tokens for this episode, wake and sleep: the budget x (share written) ** exponent."""
+        return self.cfg.token_budget * self.share ** self.c2w.budget_exponent
 
     def _gate_tokens(self, texts: list[str], scores) -> int:
         """Forward-pass tokens the gate spent: the signals pass on every text but duplicates, the
@@ -197,7 +201,7 @@ class C2WLearner(Learner):
         for e, (nll, _, _) in zip(entries, sig):
             e.priority = nll
         self.cost.add(self.flops_fwd * sum(len(self.tokenizer(e.text).input_ids) for e in entries), "priorities")
-        budget = int(self.cfg.token_budget * self.share * (1 - self.c2w.wake_share))
+        budget = int(self._episode_budget() * (1 - self.c2w.wake_share))
 
         def replay_batch() -> list[str]:
             if not self.c2w.replay:  # without replay, sleep only rehearses (and consolidates)
