@@ -126,12 +126,6 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     learner.end_episode(0)
     assert learner.written_ids == {"a", "b"}
     assert learner.cost.trained_tokens == 200 // 2  # half written: half the budget, wake and sleep
-    slower = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False, budget_exponent=0.5), gate)
-    slower.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
-    slower.end_episode(0)
-    assert slower.written_ids == {"a", "b"}
-    # budget_exponent 0.5: 200 x 0.5 ** 0.5 = 141 tokens (wake 42 and sleep 98, each rounded down)
-    assert slower.cost.trained_tokens == int(200 * 0.5 ** 0.5 * 0.3) + int(200 * 0.5 ** 0.5 * 0.7)
     # every FLOP is booked to one part; the write compute is all but the one-time setup
     by = learner.cost.flops_by
     assert {"setup", "gate", "keys", "wake", "sleep", "priorities"} <= set(by)
@@ -139,6 +133,12 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     assert math.isclose(learner.cost.write_flops, learner.cost.flops - by["setup"])
     # training FLOPs are booked per trained token, wake and sleep together
     assert math.isclose(by["wake"] + by["sleep"], learner.flops_per_token * learner.cost.trained_tokens)
+    slower = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False, budget_exponent=0.5), gate)
+    slower.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
+    slower.end_episode(0)
+    assert slower.written_ids == {"a", "b"}
+    # budget_exponent 0.5: 200 x 0.5 ** 0.5 = 141 tokens (wake 42 and sleep 98, each rounded down)
+    assert slower.cost.trained_tokens == int(200 * 0.5 ** 0.5 * 0.3) + int(200 * 0.5 ** 0.5 * 0.7)
 
 
 def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):

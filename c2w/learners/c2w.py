@@ -110,11 +110,12 @@ class C2WLearner(Learner):
         if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
-        budget = int(self._episode_budget() * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        episode_budget = self._episode_budget()
+        budget = int(episode_budget * (self.c2w.wake_share if self.c2w.sleep else 1.0))
         # Progress points sit at fractions of the whole episode's budget, as for every learner; those
         # past the online write are measured inside the sleep that ends the episode.
         p = self.cfg.progress_points
-        marks = [self._episode_budget() * k / (p + 1) for k in range(1, p + 1)]
+        marks = [episode_budget * k / (p + 1) for k in range(1, p + 1)]
         self._sleep_marks = [m - budget for m in marks if m > budget]
         extra = self._rehearse if self.c2w.wake_rehearsal else self._penalty
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
