@@ -143,6 +143,10 @@ def check_settings(lc, cc) -> list[str]:
         bad.append(f"--max-len must be >= 8, got {lc.max_len}")
     if not 0.0 <= cc.wake_share <= 1.0:
         bad.append(f"--wake-share must be in [0, 1], got {cc.wake_share}")
+    if not 0.0 <= cc.min_budget_share <= 1.0:
+        bad.append(f"--min-budget-share must be in [0, 1], got {cc.min_budget_share}")
+    if not cc.budget_exponent > 0:
+        bad.append(f"--budget-exponent must be > 0, got {cc.budget_exponent}")
     if cc.buffer_capacity < 1:
         bad.append(f"--buffer-capacity must be >= 1, got {cc.buffer_capacity}")
     if cc.max_slow_rank < lc.lora_r:
@@ -260,8 +264,8 @@ def _observe(learner, episode: int, texts: list[tuple[str | None, str]]) -> int:
     bar = None
     try:
         for _, tokens in learner.observe_steps(episode, obs):
-            if bar is None:  # the gate has run by now: the write spends budget x written share
-                wake = int(learner.cfg.token_budget * learner.share * (learner.c2w.wake_share if learner.c2w.sleep else 1.0))
+            if bar is None:  # the gate has run by now: the write spends the episode's budget (from the share written)
+                wake = int(learner._episode_budget() * (learner.c2w.wake_share if learner.c2w.sleep else 1.0))
                 bar = tqdm(total=wake, unit="tok", desc="write", file=sys.stderr, disable=None, leave=False)
             bar.update(tokens - start - bar.n)
     finally:

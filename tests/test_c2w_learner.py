@@ -141,6 +141,25 @@ def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     assert slower.cost.trained_tokens == int(200 * 0.5 ** 0.5 * 0.3) + int(200 * 0.5 ** 0.5 * 0.7)
 
 
+def test_min_budget_share_floors_the_budget_but_an_empty_write_spends_nothing(tiny):
+    cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)
+    gate = GateConfig(familiarity="units", min_unit_surprise=-1, min_learnability=-1, max_nats_per_byte=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(router_calibration=6, paraphrase=False, rehearsal=False,
+                                              min_budget_share=0.75), gate)
+    a, b = "Mira Talvik was born in Oskeln.", "Pell Odrin works for Vask."
+    learner.observe(0, [Observation("a", 0, a), Observation("a2", 0, a), Observation("b", 0, b), Observation("b2", 0, b)])
+    learner.end_episode(0)
+    # half written, floored at 0.75: 150 tokens (wake 45, sleep 105)
+    assert learner.share == 0.5
+    assert learner.cost.trained_tokens == int(200 * 0.75 * 0.3) + int(200 * 0.75 * 0.7)
+    # an episode of duplicates only: nothing written, no training in wake or sleep, floor or not
+    before = learner.cost.trained_tokens
+    learner.observe(1, [Observation("a3", 1, a), Observation("b3", 1, b)])
+    learner.end_episode(1)
+    assert learner.share == 0.0 and learner.written_ids == {"a", "b"}
+    assert learner.cost.trained_tokens == before
+
+
 def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
     """Writing a fact must not make its later restatements look 'known' to the gate."""
     from c2w.fast import lm_loss
