@@ -85,8 +85,6 @@ class C2WConfig:
     router: bool = field(default=True, metadata={"help": "switch the adapters on only for inputs about something written (memory/router.py); off: always on"})
     router_layer: int = field(default=4, metadata={"help": "router: the base block whose hidden states are the keys"})
     router_calibration: int = field(default=96, metadata={"help": "router: base-written texts sampled at start (three folds: each third held out once against the rest, memory/router.py)"})
-    supersede: bool = field(default=False, metadata={"help": "before a write, retire from replay the buffered answers that the written text's questions already get from the model (an update of an old fact; memory/supersede.py)"})
-    supersede_nats: float = field(default=3.0, metadata={"help": "supersede: an old answer costing fewer nats than this as the answer to a new text's question is retired"})
     buffer_capacity: int = field(default=512, metadata={"help": "episodic buffer size (entries)"})
     max_slow_rank: int = field(default=128, metadata={"help": "slow adapter rank cap (beyond it, SVD compression)"})
 

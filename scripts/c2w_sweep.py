@@ -55,8 +55,7 @@ def run_variant(bb, cfg, ctx, base, seed: int, overrides: dict) -> dict:
             "gate": r["gate"], "matrix": r["accuracy_matrix"], "wall_s": time.perf_counter() - t0,
             "flops": r["cost"]["flops"], "write_flops": r["cost"]["write_flops"], "flops_by": r["cost"]["flops_by"],
             "trained_tokens": r["cost"]["trained_tokens"],
-            "gate_log": r.get("gate_log", []), "supersede_log": r.get("supersede_log", []),
-            "locality": r["locality"]}  # the runner adds each record's role
+            "gate_log": r.get("gate_log", []), "locality": r["locality"]}  # the runner adds each record's role
 
 
 def main() -> None:

@@ -189,10 +189,6 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     gate_log = [{**g, "role": role_of.get(g["id"]),
                  **({"base_answers": g["id"] in ctx.known_to_base} if role_of.get(g["id"]) == "known" else {})}
                 for g in getattr(learner, "gate_log", [])]
-    # c2w's update detector (memory/supersede.py), with what it never saw: whether the new record
-    # really replaces that entry's record.
-    replaced = {r.id: r.replaces for r in ctx.stream.records if r.replaces}
-    supersede_log = [{**s, "replaces": replaced.get(s["id"]) == s["entry"]} for s in getattr(learner, "supersede_log", [])]
     n_written = max(1, len(learner.written_ids))
     c = learner.cost
     out = {
@@ -209,7 +205,6 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
                            "steps": fractions.tolist(), "acc": mean_curve.tolist()},
         "gate": gate,
         **({"gate_log": gate_log} if gate_log else {}),
-        **({"supersede_log": supersede_log} if supersede_log else {}),
         "cost": {"trained_tokens": c.trained_tokens, "train_steps": c.train_steps, "flops": c.flops,
                  "write_flops": c.write_flops, "flops_by": dict(c.flops_by),
                  "train_s": c.train_s, "wall_s": wall, "trainable_params": c.trainable_params,

@@ -6,7 +6,7 @@ every part's compute is paid from the same per-episode token budget.
 wake (observe):  gate the episode's texts -> build views of those written -> store them in the
                  episodic buffer -> key their tokens in the router -> train the fast adapter on
                  the views (wake_share of the budget; the episode's budget is scaled by the share
-                 of texts the gate wrote)
+                 of texts the gate wrote, floored at min_budget_share once anything is written)
 sleep (end):     refresh replay priorities -> train fast on prioritised replay of buffered views
                  (+ KL to the base on self-generated rehearsal text, with `rehearsal`; off by
                  default since session 12) -> merge fast into slow (PEFT `cat`: exact) -> fresh fast
@@ -32,7 +32,6 @@ from c2w.memory.gate import cloze_pairs, score_texts, text_signals
 from c2w.memory.rehearsal import (known_names, neighbour_prompts, openers, rehearsal_loss, sample_rehearsal,
                                    teacher_logprobs)
 from c2w.memory.router import Router, base_hidden
-from c2w.memory.supersede import find_conflicts, retire
 from c2w.memory.views import build_views, paraphrases
 
 
@@ -50,10 +49,11 @@ class C2WLearner(Learner):
         self.bank = AdapterBank(backbone.model, lora_config(cfg), self.c2w.max_slow_rank)
         self.buffer = EpisodicBuffer(self.c2w.buffer_capacity)
         self.gate_log: list[dict] = []
-        self.supersede_log: list[dict] = []
         self.sleeps = 0
         # The gate also decides how much: an episode spends budget x (written / observed) ** budget_exponent,
-        # wake and sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest.
+        # wake and sleep alike, so what the gate turns away is compute saved, not spent re-reading the rest;
+        # but never less than budget x min_budget_share once it writes anything, so that the few records
+        # kept from a mostly-rejected episode still get enough optimizer steps.
         self.share = 1.0
         self._sleep_marks: list[float] = []  # progress points that fall in the coming sleep (tokens into it)
         self._new_optimizer()
@@ -98,8 +98,6 @@ class C2WLearner(Learner):
             obs = [o for o, s in zip(obs, scores) if s.write]
         if not obs:
             return
-        if self.c2w.supersede and self.buffer.entries:
-            self._supersede(episode, obs)
         para = [None] * len(obs)
         if self.c2w.recombination and self.c2w.paraphrase:
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
@@ -126,16 +124,6 @@ class C2WLearner(Learner):
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
                                self.cost, self.flops_per_token, extra_loss=extra, part="wake",
                                marks=[m for m in marks if m <= budget])
-
-    def _supersede(self, episode: int, obs) -> None:
-        """Retire from the buffer the old answers the written texts update (memory/supersede.py);
-        on the current model, before it trains on them."""
-        found, tokens = find_conflicts(self.bank.model, self.tokenizer, [o.text for o in obs], self.buffer.entries)
-        self.cost.add(self.flops_fwd * tokens, "supersede")
-        hits = [c for c in found if c.nats < self.c2w.supersede_nats]
-        self.supersede_log += [{"episode": episode, "id": obs[c.text].id, "entry": c.entry, "question": c.question,
-                                "answer": c.answer, "nats": c.nats, "retired": c in hits} for c in found]
-        self.buffer.entries = retire(self.buffer.entries, hits)
 
     def _episode_budget(self) -> float:
         """Trained tokens for this episode, wake and sleep: the budget x (share written) ** exponent,
