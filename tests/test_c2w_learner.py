@@ -165,6 +165,7 @@ def test_familiarity_is_measured_on_the_base_not_on_what_was_written(schooled):
     from c2w.fast import lm_loss
     from c2w.learners.train import collate
 
+    torch.manual_seed(0)  # the adapter's init (seeds 0-3 pass), not whatever tests ran before left in the global RNG
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     params = bank.fast_params()
     cfg_base = GateConfig(familiarity="units", min_novelty=0, familiarity_on_base=True)
