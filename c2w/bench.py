@@ -70,7 +70,7 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
 
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
     return LearnerConfig(lr=lr or cfg.lr or DEFAULT_LR.get(lr_key(method), 1e-3), token_budget=cfg.token_budget,
-                         progress_points=cfg.progress_points, seed=seed)
+                         progress_points=cfg.progress_points, bf16_writes=cfg.bf16_writes, seed=seed)
 
 
 def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Record], passages, base_lp,

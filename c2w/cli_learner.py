@@ -367,6 +367,8 @@ def format_status(d: Path, version: str, cfg: dict, status: dict) -> str:
         f"episodes:   {meta['episodes']} (last learn {meta['last_learn'] or 'never'})",
         f"budget:     {_fmt_num(cost['trained_tokens'])} trained tokens in {cost['train_steps']} steps, "
         f"{cost['flops']:.3g} FLOPs, {cost['train_s']:.1f} s of training",
+        *(["compute:    " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(cost["flops_by"].items(), key=lambda kv: -kv[1]))
+           + " FLOPs"] if cost.get("flops_by") else []),
         f"sleeps:     {s['sleeps']} (last {meta['last_sleep'] or 'never'}); "
         f"{meta['writes_since_sleep']} written since, waiting in the fast adapter",
         "gate:       " + (", ".join(f"{n} {r}" for r, n in sorted(gates.items(), key=lambda kv: -kv[1]))

@@ -30,6 +30,8 @@ class LearnerConfig:
     buffer_size: int = field(default=256, metadata={"help": "replay buffer capacity in texts (reservoir sampling)"})
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
     progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
+    # Off by default: every setting of the benchmark was chosen with fp32 writes (BENCHMARKS.md, session 15).
+    bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer); about 1.6x faster per step where the CPU has AVX512-BF16 or AMX, slower where it has neither. CUDA loads the backbone in bf16 anyway"})
     seed: int = 0
 
 
@@ -195,6 +197,7 @@ class BenchConfig:
     lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
     lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
     progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode (at equal shares of its trained tokens; c2w: sleep included)"})
+    bf16_writes: bool = field(default=False, metadata={"help": "CPU: every weight-writing method's steps under bf16 autocast (LearnerConfig.bf16_writes)"})
     validation_seed: int = field(default=FIRST_VALIDATION_SEED, metadata={"help": "seed used only to choose hyperparameters, never reported"})
 
     def resolved(self) -> "BenchConfig":

@@ -169,7 +169,7 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
 
 
 def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
-                graphs: bool = False) -> dict:
+                graphs: bool = False, bf16: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
     from c2w.fast.loss import dense_loss, next_token_targets
 
@@ -191,6 +191,8 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     ids, att = ids.to(dev), att.to(dev)
     labels = ids.masked_fill(att == 0, -100)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    # --bf16-writes on the CPU: c2w's step as the trainer runs it with LearnerConfig.bf16_writes; plain stays fp32
+    c2w_amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else amp
 
     def plain():
         with amp:
@@ -200,7 +202,7 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
         plain_opt.zero_grad(set_to_none=True)
 
     def fast():
-        with amp:
+        with c2w_amp:
             loss = lm_loss(fast_m, ids, att, att.bool())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fp, 1.0)
@@ -212,6 +214,7 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     weight = next_token_targets(att).float()
     with amp:
         l_plain = plain_m(input_ids=ids, attention_mask=att, labels=labels).loss
+    with c2w_amp:
         l_fast = dense_loss(fast_m, ids, weight) if graphs else lm_loss(fast_m, ids, att, att.bool())
     l_plain.backward()
     l_fast.backward()
@@ -337,7 +340,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
              real_weights: bool = False, compile: bool = False, shape: str = "smollm2",
              workloads: tuple[str, ...] | list[str] = WORKLOADS, scoring_prompts: int = 32, decode_tokens: int = 32,
              decode_batches: tuple[int, ...] = (1, 32), threads: int | None = None, log=None,
-             tokenizer=None, cuda_graphs: bool = False) -> dict:
+             tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False) -> dict:
     """Run the workloads; returns {workload: {plain, c2w (tokens/s), ratio, detail, ...}, 'setup': ...}.
     `tokenizer`: reuse one already loaded (random-init shapes only)."""
     from c2w.backbone import default_dtype, resolve_device
@@ -364,7 +367,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                                 model="SmolLM2-135M" + (" (real weights)" if real_weights else " shape, random init")
                                 if shape == "smollm2" else "tiny", params=n_params, lora=lora_kw, repeats=repeats,
                                 threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
-                                cuda_graphs=decode.CUDA_GRAPHS,
+                                cuda_graphs=decode.CUDA_GRAPHS, bf16_writes=bool(bf16_writes) and dev.type == "cpu",
                                 matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
     try:
         for w in workloads:
@@ -372,7 +375,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
             say(f"perf: {w} ...")
             if w in ("write", "write_var"):
                 out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw,
-                                     graphs=decode.CUDA_GRAPHS)
+                                     graphs=decode.CUDA_GRAPHS, bf16=bf16_writes)
             elif w in ("scoring", "scoring_chat"):
                 out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw)
             elif w == "decode":
@@ -402,7 +405,8 @@ def format_table(res: dict) -> str:
     s = res["setup"]
     lines = [f"c2w perf on {s['device_name']} ({s['device']}, {s['dtype']}, {s['threads']} threads), {s['model']}, "
              f"LoRA r={s['lora']['r']} all-linear; medians of {s['repeats']}; MFU against the square GEMM "
-             f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)",
+             f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)"
+             + ("; c2w's write steps under bf16 autocast (--bf16-writes), plain in fp32" if s.get("bf16_writes") else ""),
              f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"]
     for w, r in res.items():
         if w == "setup":
@@ -426,7 +430,7 @@ def cmd_perf(ns) -> int:
 
     res = run_perf(device=ns.device, batch=ns.batch, seq=ns.seq, repeats=ns.repeats, real_weights=ns.real_weights,
                    compile=ns.compile, shape=ns.shape, threads=ns.threads,
-                   cuda_graphs=ns.cuda_graphs, workloads=[w for w in ns.workloads.split(",") if w],
+                   cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, workloads=[w for w in ns.workloads.split(",") if w],
                    log=None if ns.json else (lambda m: print(m, file=sys.stderr)))
     print(json.dumps(res, indent=1) if ns.json else format_table(res))
     return 0

@@ -83,8 +83,10 @@ def test_learn_creates_a_state_and_status_reports_it(made, capsys):
     assert cli.main(["status", "--state", str(made)]) == 0
     out = capsys.readouterr().out
     for want in ("backbone:   tiny", "adapters:   fast (rank 16)", "2 entries in the episodic buffer",
-                 "2 of 2 observed texts written", "episodes:   1", "sleeps:     0 (last never)", "gate:       off"):
+                 "2 of 2 observed texts written", "episodes:   1", "sleeps:     0 (last never)", "gate:       off",
+                 "compute:    "):
         assert want in out, (want, out)
+    assert " wake " in out.split("compute:")[1].splitlines()[0]  # FLOPs by part: the online write is one
     assert cli.main(["status", "--state", str(made), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["meta"]["next_episode"] == 1 and st["summary"]["adapters"] == {"fast": 16}

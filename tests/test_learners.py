@@ -18,15 +18,16 @@ def recall(learner):
     return s.correct, s.logprob
 
 
-@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full-ft", 3e-3)])
-def test_a_write_raises_recall_of_the_written_fact(tiny, method, lr):
-    learner = make_learner(method, tiny, LearnerConfig(lr=lr, token_budget=40 * 14, batch_size=1, seed=0))
+@pytest.mark.parametrize("method,lr,bf16", [("lora", 1e-2, False), ("full-ft", 3e-3, False), ("lora", 1e-2, True)])
+def test_a_write_raises_recall_of_the_written_fact(tiny, method, lr, bf16):
+    learner = make_learner(method, tiny, LearnerConfig(lr=lr, token_budget=40 * 14, batch_size=1, seed=0, bf16_writes=bf16))
     ok0, lp0 = recall(learner)
     learner.observe(0, [FACT])
     ok1, lp1 = recall(learner)
     assert not ok0 and ok1
     assert lp1 > lp0 + 1.0
     assert learner.cost.trained_tokens >= 40 * 14 and learner.written_ids == {"f1"}
+    assert all(p.dtype == torch.float32 for p in learner.params)  # bf16 autocast leaves the weights fp32
 
 
 def test_writes_leave_the_shared_backbone_frozen_and_unchanged(tiny):

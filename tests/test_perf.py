@@ -27,11 +27,22 @@ def test_run_perf_tiny_shape(tiny):
     assert "c2w/plain" in format_table(res)
 
 
+def test_perf_bf16_writes_times_the_autocast_step_and_reports_its_agreement(tiny):
+    res = run_perf(shape="tiny", batch=2, seq=12, repeats=1, threads=1, tokenizer=tiny.tokenizer,
+                   workloads=["write"], bf16_writes=True)
+    assert res["setup"]["bf16_writes"] is True
+    r = res["write"]
+    assert r["c2w"] > 0 and r["plain"] > 0
+    # bf16 matmuls move the loss, a little: not the fp32 path's 1e-5, not more than bf16 rounding
+    assert 1e-7 < r["loss_abs_diff"] / r["loss_plain"] < 2e-2
+    assert "bf16 autocast" in format_table(res)
+
+
 def test_perf_parser_flags():
     ap = argparse.ArgumentParser()
     add_perf_parser(ap.add_subparsers(dest="command"))
     ns = ap.parse_args(["perf", "--device", "cpu", "--json", "--batch", "4", "--seq", "32", "--repeats", "2",
-                        "--real-weights", "--compile"])
-    assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile) == \
-        ("cpu", True, 4, 32, 2, True, True)
+                        "--real-weights", "--compile", "--bf16-writes"])
+    assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile, ns.bf16_writes) == \
+        ("cpu", True, 4, 32, 2, True, True, True)
     assert callable(ns.func)

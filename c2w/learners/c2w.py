@@ -123,7 +123,7 @@ class C2WLearner(Learner):
         yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params,
                                epoch_sampler(views, self.cfg.batch_size, self.rng), budget, self.cfg.max_len,
                                self.cost, self.flops_per_token, extra_loss=extra, part="wake",
-                               marks=[m for m in marks if m <= budget])
+                               marks=[m for m in marks if m <= budget], bf16=self.cfg.bf16_writes)
 
     def _episode_budget(self) -> float:
         """Trained tokens for this episode, wake and sleep: the budget x (share written) ** exponent,
@@ -218,7 +218,7 @@ class C2WLearner(Learner):
         if budget > 0 and (self.c2w.replay or self.rehearsal is not None):
             yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
                                    self.cfg.max_len, self.cost, self.flops_per_token, extra_loss=self._rehearse,
-                                   part="sleep", marks=marks)
+                                   part="sleep", marks=marks, bf16=self.cfg.bf16_writes)
         self.bank.consolidate()
         self._new_optimizer()
         self.sleeps += 1

@@ -31,7 +31,7 @@ class FullFTLearner(Learner):
             return
         yield from write_texts(self.net, self.tokenizer, self.opt, self.params, epoch_sampler(texts, self.cfg.batch_size, self.rng),
                     self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token,
-                    self.cfg.progress_points)
+                    self.cfg.progress_points, bf16=self.cfg.bf16_writes)
         self.written_ids.update(o.id for o in observations if o.text.strip())
 
     @property

@@ -47,7 +47,7 @@ class LoraLearner(Learner):
             return
         yield from write_texts(self.peft, self.tokenizer, self.opt, self.params, self.batches(texts),
                                self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token,
-                               self.cfg.progress_points)
+                               self.cfg.progress_points, bf16=self.cfg.bf16_writes)
         self.written_ids.update(o.id for o in observations if o.text.strip())
 
     @property

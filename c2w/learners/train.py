@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from typing import Callable, Sequence
@@ -24,7 +25,7 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
                 flops_per_token: float, progress_points: int = 0,
                 extra_loss: Callable[[int], tuple[torch.Tensor, int]] | None = None, part: str = "train",
-                marks: Sequence[float] | None = None) -> Progress:
+                marks: Sequence[float] | None = None, bf16: bool = False) -> Progress:
     """Take optimiser steps on batches from `sample_batch` until `token_budget` tokens are trained.
 
     Every batch's real (non-pad) tokens count, replayed ones included, and the last batch is cut so
@@ -34,21 +35,25 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
     `extra_loss(left)` adds a term to every step (a penalty, or a rehearsal loss) with the tokens it
     trained on (0 for a penalty), at most `left`, the budget still unspent. Its FLOPs count under
     `part` in `cost.flops_by`.
+    `bf16` (CPU only): the forward runs under bf16 autocast (matmuls in bf16; parameters, gradients
+    and optimizer state stay fp32).
     """
     dev = next(model.parameters()).device
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else contextlib.nullcontext()
     used = 0
     marks = sorted(marks) if marks is not None else [token_budget * k / (progress_points + 1)
                                                        for k in range(1, progress_points + 1)]
     while used < token_budget:
         t0 = time.perf_counter()
         loss, n = torch.zeros((), device=dev), 0
-        if extra_loss is not None:
-            loss, n = extra_loss(token_budget - used)
-        batch = sample_batch()
-        if batch:
-            ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)
-            if len(ids):
-                loss, n = loss + lm_loss(model, ids, att, att.bool()), n + int(att.sum())
+        with amp:
+            if extra_loss is not None:
+                loss, n = extra_loss(token_budget - used)
+            batch = sample_batch()
+            if batch:
+                ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)
+                if len(ids):
+                    loss, n = loss + lm_loss(model, ids, att, att.bool()), n + int(att.sum())
         if n == 0:  # nothing to train on (or no budget left for even one token): stop rather than spin
             return
         loss.backward()
