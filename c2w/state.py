@@ -316,8 +316,9 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     if cfg.get("format") != FORMAT:
         raise StateError(f"{vdir} has state format {cfg.get('format')!r}; this c2w reads format {FORMAT}")
     lc = _dataclass(LearnerConfig, cfg["learner"], "config.json 'learner'")
-    # States written before the router existed have no "router" key: they were unrouted, and stay so.
-    cc = _dataclass(C2WConfig, {"router": False, **cfg["c2w"]}, "config.json 'c2w'")
+    # States written before the router existed have no "router" key: they were unrouted, and stay so;
+    # those from before the budget floor (session 15) keep spending in proportion to what is written.
+    cc = _dataclass(C2WConfig, {"router": False, "min_budget_share": 0.0, **cfg["c2w"]}, "config.json 'c2w'")
     gc = _dataclass(GateConfig, cfg["gate"], "config.json 'gate'")
     status = _read_json(vdir / "status.json")
     lj = _read_json(vdir / "learner.json")

@@ -197,3 +197,14 @@ def test_a_state_from_before_the_router_loads_unrouted(tiny, trained, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     loaded, _ = load_state(tmp_path)
     assert loaded.router is None and loaded.c2w.router is False and loaded.route([PROMPT]) is None
+
+
+def test_a_state_from_before_the_budget_floor_keeps_its_budget_rule(tiny, trained, tmp_path):
+    assert trained.c2w.min_budget_share == C2WConfig().min_budget_share > 0
+    v = save_state(trained, tmp_path, state.new_meta())
+    assert load_state(tmp_path)[0].c2w.min_budget_share == C2WConfig().min_budget_share  # saved, read back
+    cfg_path = tmp_path / v / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["c2w"].pop("min_budget_share")
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_state(tmp_path)[0].c2w.min_budget_share == 0.0
