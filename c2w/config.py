@@ -31,7 +31,7 @@ class LearnerConfig:
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
     progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
     # Off by default: every setting of the benchmark was chosen with fp32 writes (BENCHMARKS.md, session 15).
-    bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer); about 1.6x faster per step where the CPU has AVX512-BF16 or AMX, slower where it has neither. CUDA loads the backbone in bf16 anyway"})
+    bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer; the frozen weights are cast once and kept, half their fp32 size); faster where the CPU has AVX512-BF16 or AMX, slower where it has neither. CUDA loads the backbone in bf16 anyway"})
     seed: int = 0
 
 

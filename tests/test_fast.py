@@ -103,6 +103,56 @@ def test_lm_loss_partial_targets_and_full_ft(tiny):
     _grad_close(torch.autograd.grad(got, params), torch.autograd.grad(ref, params))
 
 
+def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(models, tiny, monkeypatch):
+    """Under CPU bf16 autocast the frozen weights come from a cast-once cache: the loss and the LoRA
+    gradients equal autocast's own casts bit for bit; a changed weight is cast again."""
+    import gc
+
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+
+    def run(m, cache: bool):
+        monkeypatch.setattr(llama, "LOWP_CACHE", cache)
+        params = [p for p in m.parameters() if p.requires_grad]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(m, ids, att, att.bool())
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    m = copy.deepcopy(models["lora"])
+    (ref, gref), (got, g) = run(m, False), run(m, True)
+    assert got == ref and all(torch.equal(a, b) for a, b in zip(g, gref))
+    assert any(w.dtype == torch.bfloat16 for _, _, w in llama._LOWP.values())  # the cache was used
+    with torch.no_grad():  # a frozen weight changes in place: its cached copy must not be used
+        m.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2.0)
+    (ref2, _), (got2, _) = run(m, False), run(m, True)
+    assert got2 == ref2 != got
+    n = len(llama._LOWP)
+    del m
+    gc.collect()
+    assert len(llama._LOWP) < n  # a model's cast weights go with it
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_math_matches_sdpa(masked, monkeypatch):
+    """The matmul attention (used on the CPU in bf16, for short rows) is SDPA's computation."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (6, 2, 2))  # grouped-query: 6 heads, 2 kv
+    mask = None
+    if masked:  # two sequences packed in row 0 (4 + 6 tokens), one in row 1
+        seg = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+        pos = torch.tensor([list(range(4)) + list(range(6)), list(range(10))])
+        mask = ((seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None]))[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                           enable_gqa=True)
+    assert (llama.attend_math(q, k, v, mask, True) - ref).abs().max() <= 1e-5
+    # in bf16 on the CPU, attend takes this path (not SDPA), within bf16 rounding of the fp32 result
+    monkeypatch.setattr(llama.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("SDPA called"))
+    got = llama.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, True).float()
+    assert (got - ref).abs().max() <= 0.05
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in the write step: fp32 q and k (after rope)
+        got = llama.attend(q, k, v.bfloat16(), mask, True).float()
+    assert (got - ref).abs().max() <= 0.05
+
+
 def test_lm_loss_trains_like_plain(models, tiny):
     """Three steps with the fused optimiser track three plain-loss steps with the default AdamW."""
     ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)

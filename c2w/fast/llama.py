@@ -14,6 +14,7 @@ mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -129,11 +130,43 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
     return base.weight, base.bias, loras
 
 
+# Frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
+# weight at every use (about 10% of a bf16 write step). Keyed by the first weight's id, checked
+# against a weak reference to it (an entry goes when its tensor does), and rebuilt when any of the
+# weights changes (tensor._version) or is replaced. (Not a WeakKeyDictionary: its lookups compare
+# tensors with ==, which is elementwise.)
+_LOWP: dict[int, tuple] = {}  # id(first weight) -> (weakref to it, ((id, version), ...), cast tensor)
+LOWP_CACHE = True  # off: autocast casts as usual (the same numbers, slower; for tests and measurement)
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    return torch.get_autocast_dtype("cpu")
+
+
+def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
+    """The concatenated weights; under CPU autocast, frozen ones come cast and cached."""
+    low = _cpu_autocast_dtype()
+    if (not LOWP_CACHE or low is None or low == Ws[0].dtype or any(w.requires_grad for w in Ws)
+            or Ws[0].device.type != "cpu"):
+        return Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
+    key = tuple((id(w), w._version) for w in Ws)
+    hit = _LOWP.get(id(Ws[0]))
+    if hit is None or hit[0]() is not Ws[0] or hit[1] != key or hit[2].dtype != low:
+        with torch.autocast("cpu", enabled=False):
+            cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(low)
+        if hit is None or hit[0]() is not Ws[0]:
+            weakref.finalize(Ws[0], _LOWP.pop, id(Ws[0]), None)
+        hit = _LOWP[id(Ws[0])] = (weakref.ref(Ws[0]), key, cast)
+    return hit[2]
+
+
 def _fuse(mods, dtype) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input)."""
     parts = [_pieces(m) for m in mods]
     Ws = [p[0] for p in parts]
-    W = Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
+    W = _fused_weight(Ws)
     bs = [p[1] for p in parts]
     if all(b is None for b in bs):
         b = None
@@ -219,9 +252,33 @@ def cos_sin(p: Plan, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
+MATH_KEYS = 128  # CPU bf16: up to this many keys, attention runs as plain matmuls (attend_math)
+
+
 def attend(q, k, v, mask, causal: bool):
+    """q [R, H, Lq, D], k and v [R, Hkv, Lk, D]; mask [R, 1, Lq, Lk] bool (True: attend) or None."""
+    bf16 = q.dtype == torch.bfloat16 or _cpu_autocast_dtype() == torch.bfloat16  # (rope leaves q fp32 under autocast)
+    if (q.device.type == "cpu" and bf16 and k.shape[2] <= MATH_KEYS
+            and (mask is not None or q.shape[2] == k.shape[2])):
+        return attend_math(q, k, v, mask, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_math(q, k, v, mask, causal: bool):
+    """What SDPA computes, as matmuls with the scores and softmax in fp32. On the CPU in bf16 (the
+    write step under autocast), torch 2.13's fused kernel took 8-9 ms per layer (forward and
+    backward) on rows of 64-128 keys, where this takes 2-5 ms; from 256 keys on, the fused kernel is
+    faster (BENCHMARKS.md, session 15). A causal mask without `mask` needs Lq == Lk."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves H / Hkv query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [R, H, Lq, Lk]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    elif causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1).to(v.dtype) @ v
 
 
 # ---------------------------------------------------------------------------------------------
