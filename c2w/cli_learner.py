@@ -162,17 +162,18 @@ def check_settings(lc, cc) -> list[str]:
 
 def _check_existing(d: Path, ns, lo: dict, co: dict, go: dict) -> str | None:
     """An existing state keeps its backbone and settings: a flag that disagrees is an error."""
-    from c2w.state import read_config
+    from c2w.state import read_config, settings
 
     cfg = read_config(d)
     if ns.model is not None and ns.model != cfg["backbone"]["name"]:
         return (f"state {d} was created with --model {cfg['backbone']['name']}; it cannot switch to "
                 f"--model {ns.model} (use a new --state directory)")
-    for section, given in (("learner", lo), ("c2w", co), ("gate", go)):
+    stored = [dataclasses.asdict(c) for c in settings(cfg)]  # what the state runs with, old states included
+    for have, given in zip(stored, (lo, co, go)):
         for k, v in given.items():
-            if cfg[section].get(k) != v:
+            if have.get(k) != v:
                 return (f"--{k.replace('_', '-')} is fixed when the state is created (state {d} has "
-                        f"{cfg[section].get(k)!r}); use --budget for this call's tokens, or a new --state")
+                        f"{have.get(k)!r}); use --budget for this call's tokens, or a new --state")
     return None
 
 

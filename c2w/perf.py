@@ -171,6 +171,7 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
 def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
                 graphs: bool = False, bf16: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
+    from c2w.fast.llama import cast_cache
     from c2w.fast.loss import dense_loss, next_token_targets
 
     plain_m, fast_m = _models(base, lora_kw)
@@ -237,8 +238,9 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     n_real = int(att.sum())
     trainable = sum(p.numel() for p in fp)
     flops = n_real * (4 * n_params + 6 * trainable)
-    stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
-                     repeats, peak)
+    with cast_cache():  # as write_texts holds it for its steps (only used under CPU autocast)
+        stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
+                         repeats, peak)
     if graphs:
         stats["c2w"]["peak_mem_mb"] = max(stats["c2w"]["peak_mem_mb"], extra["capture_peak_mb"])
     return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain, loss_c2w=l_fast,

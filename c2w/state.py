@@ -292,6 +292,19 @@ def init_state(d: str | Path, model_name: str, learner_cfg: LearnerConfig, c2w_c
 
 
 # --- loading ------------------------------------------------------------------------------------
+# Settings a state written by an older c2w lacks, read as what that c2w did: states from before the
+# router were unrouted; those from before the budget floor (session 15) spend in proportion to what
+# is written. Any other missing setting takes its dataclass default.
+OLD_STATE_DEFAULTS = {"c2w": {"router": False, "min_budget_share": 0.0}}
+
+
+def settings(cfg: dict) -> tuple[LearnerConfig, C2WConfig, GateConfig]:
+    """The learner, c2w and gate settings a state's config.json stands for."""
+    return (_dataclass(LearnerConfig, cfg["learner"], "config.json 'learner'"),
+            _dataclass(C2WConfig, {**OLD_STATE_DEFAULTS["c2w"], **cfg["c2w"]}, "config.json 'c2w'"),
+            _dataclass(GateConfig, cfg["gate"], "config.json 'gate'"))
+
+
 def _dataclass(cls, d: dict, what: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -315,11 +328,7 @@ def _load_version(vdir: Path, device: str | None, rehearsal: bool) -> tuple[C2WL
     cfg = _read_json(vdir / "config.json")
     if cfg.get("format") != FORMAT:
         raise StateError(f"{vdir} has state format {cfg.get('format')!r}; this c2w reads format {FORMAT}")
-    lc = _dataclass(LearnerConfig, cfg["learner"], "config.json 'learner'")
-    # States written before the router existed have no "router" key: they were unrouted, and stay so;
-    # those from before the budget floor (session 15) keep spending in proportion to what is written.
-    cc = _dataclass(C2WConfig, {"router": False, "min_budget_share": 0.0, **cfg["c2w"]}, "config.json 'c2w'")
-    gc = _dataclass(GateConfig, cfg["gate"], "config.json 'gate'")
+    lc, cc, gc = settings(cfg)
     status = _read_json(vdir / "status.json")
     lj = _read_json(vdir / "learner.json")
     buf = _read_json(vdir / "buffer.json")

@@ -116,6 +116,23 @@ def test_every_ablation_runs_within_budget(tiny, method):
     assert learner.cost.trained_tokens > 0
 
 
+def test_c2w_writes_and_sleeps_under_bf16_autocast(tiny, monkeypatch):
+    from c2w.fast import llama
+
+    calls = []
+    real = llama.attend_math
+    monkeypatch.setattr(llama, "attend_math", lambda *a: calls.append(1) or real(*a))
+    cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0, bf16_writes=True)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6))
+    learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
+    wake = len(calls)
+    learner.end_episode(0)
+    assert wake > 0 and len(calls) > wake  # the online write and the sleep's replay both ran in bf16
+    assert learner.cost.trained_tokens == 80 and learner.sleeps == 1
+    assert all(p.dtype == torch.float32 for p in learner.bank.fast_params())
+    assert llama._LOWP is None  # the cast cache lives only while a write loop runs
+
+
 def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
     # exact duplicates are turned away by novelty alone (the other signals are switched off here)
     cfg = LearnerConfig(lr=1e-3, token_budget=200, batch_size=2, seed=0)

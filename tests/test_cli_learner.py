@@ -96,6 +96,23 @@ def test_learn_creates_a_state_and_status_reports_it(made, capsys):
     assert sorted(e.id for e in learner.buffer.entries) == ["e0-2", "mira"]
 
 
+def test_an_older_state_is_checked_against_the_settings_it_runs_with(made, tmp_path, capsys):
+    """A state saved before the budget floor has no min_budget_share: it runs with 0, so --min-budget-share 0
+    agrees with it and 0.45 (today's default) does not."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(made, old)
+    cfg_path = old / current_version(old) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["c2w"]["min_budget_share"]
+    cfg_path.write_text(json.dumps(cfg))
+    good = write(tmp_path / "good.jsonl", [{"text": "Oskeln lies on the Ferrow coast."}])
+    assert cli.main(["learn", "--state", str(old), "--min-budget-share", "0.45", str(good)]) == 2
+    assert "--min-budget-share is fixed when the state is created (state" in capsys.readouterr().err
+    assert cli.main(["learn", "--state", str(old), "--min-budget-share", "0", str(good)]) == 0
+
+
 def test_bad_input_and_bad_flags_leave_the_state_byte_for_byte(made, tmp_path, capsys, monkeypatch):
     before = tree(made)
     bad = write(tmp_path / "bad.jsonl", [{"text": "fine"}, '{"text": "unterminated', {"text": ""}])

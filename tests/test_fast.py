@@ -103,32 +103,35 @@ def test_lm_loss_partial_targets_and_full_ft(tiny):
     _grad_close(torch.autograd.grad(got, params), torch.autograd.grad(ref, params))
 
 
-def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(models, tiny, monkeypatch):
-    """Under CPU bf16 autocast the frozen weights come from a cast-once cache: the loss and the LoRA
-    gradients equal autocast's own casts bit for bit; a changed weight is cast again."""
-    import gc
-
+def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(models, tiny):
+    """Inside cast_cache(), under CPU bf16 autocast, frozen weights come cast once: the loss and the
+    LoRA gradients equal autocast's own casts bit for bit; a weight changed in place, even through
+    `.data` (as PEFT merges do), is cast again; outside the block nothing is kept."""
     ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    m = copy.deepcopy(models["lora"])
+    q = m.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    params = [p for p in m.parameters() if p.requires_grad]
 
-    def run(m, cache: bool):
-        monkeypatch.setattr(llama, "LOWP_CACHE", cache)
-        params = [p for p in m.parameters() if p.requires_grad]
+    def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = lm_loss(m, ids, att, att.bool())
         return loss.item(), torch.autograd.grad(loss, params)
 
-    m = copy.deepcopy(models["lora"])
-    (ref, gref), (got, g) = run(m, False), run(m, True)
+    ref, gref = run()  # no cache: autocast casts at every use
+    assert llama._LOWP is None
+    with llama.cast_cache():
+        got, g = run()
+        assert id(q) in llama._LOWP and llama._LOWP[id(q)][2].dtype == torch.bfloat16  # this model's q/k/v, cached
+        assert run()[0] == got  # served from the cache
+        with torch.no_grad():
+            q.mul_(2.0)  # an in-place change (the version counter moves): cast again
+        doubled = run()[0]
     assert got == ref and all(torch.equal(a, b) for a, b in zip(g, gref))
-    assert any(w.dtype == torch.bfloat16 for _, _, w in llama._LOWP.values())  # the cache was used
-    with torch.no_grad():  # a frozen weight changes in place: its cached copy must not be used
-        m.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2.0)
-    (ref2, _), (got2, _) = run(m, False), run(m, True)
-    assert got2 == ref2 != got
-    n = len(llama._LOWP)
-    del m
-    gc.collect()
-    assert len(llama._LOWP) < n  # a model's cast weights go with it
+    assert llama._LOWP is None  # forgotten at exit
+    assert doubled == run()[0] != ref
+    q.data.mul_(0.5)  # as PEFT merges write: through .data, which no counter sees; outside any block
+    with llama.cast_cache():
+        assert run()[0] == ref  # a new block casts afresh
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from c2w.evaluation.scoring import score_probes
+from c2w.fast.llama import attend_math as ATTEND_MATH
 from c2w.learners import BASELINES, LearnerConfig, make_learner
 from c2w.streams.records import Observation
 
@@ -19,10 +20,15 @@ def recall(learner):
 
 
 @pytest.mark.parametrize("method,lr,bf16", [("lora", 1e-2, False), ("full-ft", 3e-3, False), ("lora", 1e-2, True)])
-def test_a_write_raises_recall_of_the_written_fact(tiny, method, lr, bf16):
+def test_a_write_raises_recall_of_the_written_fact(tiny, method, lr, bf16, monkeypatch):
+    from c2w.fast import llama
+
+    math_calls = []  # attention in bf16 (llama.attend_math) runs only when the write is under autocast
+    monkeypatch.setattr(llama, "attend_math", lambda *a: math_calls.append(1) or ATTEND_MATH(*a))
     learner = make_learner(method, tiny, LearnerConfig(lr=lr, token_budget=40 * 14, batch_size=1, seed=0, bf16_writes=bf16))
     ok0, lp0 = recall(learner)
     learner.observe(0, [FACT])
+    assert bool(math_calls) == bf16
     ok1, lp1 = recall(learner)
     assert not ok0 and ok1
     assert lp1 > lp0 + 1.0

@@ -14,6 +14,7 @@ mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -131,12 +132,29 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
 
 
 # Frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
-# weight at every use (about 10% of a bf16 write step). Keyed by the first weight's id, checked
-# against a weak reference to it (an entry goes when its tensor does), and rebuilt when any of the
-# weights changes (tensor._version) or is replaced. (Not a WeakKeyDictionary: its lookups compare
-# tensors with ==, which is elementwise.)
-_LOWP: dict[int, tuple] = {}  # id(first weight) -> (weakref to it, ((id, version), ...), cast tensor)
-LOWP_CACHE = True  # off: autocast casts as usual (the same numbers, slower; for tests and measurement)
+# weight at every use (about 10% of a bf16 write step). Only inside `cast_cache()`, which a write loop
+# holds for its steps and which forgets everything at exit: frozen weights cannot change inside one
+# write loop, while outside it they may (PEFT merges write through `.data`, which no version counter
+# sees). Entries are keyed by the first weight's id and checked against a weak reference to every
+# weight of the group, their versions and storage.
+_LOWP: dict[int, tuple] | None = None  # id(first weight) -> (check, cast tensor); None: no cache
+_LOWP_USERS = 0  # open cast_cache() blocks (write loops are generators: they may interleave)
+
+
+@contextlib.contextmanager
+def cast_cache():
+    """Keep the CPU-autocast casts of frozen weights while any such block is open; forget them when
+    the last one closes."""
+    global _LOWP, _LOWP_USERS
+    if _LOWP_USERS == 0:
+        _LOWP = {}
+    _LOWP_USERS += 1
+    try:
+        yield
+    finally:
+        _LOWP_USERS -= 1
+        if _LOWP_USERS == 0:
+            _LOWP = None
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
@@ -146,19 +164,17 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
 
 
 def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
-    """The concatenated weights; under CPU autocast, frozen ones come cast and cached."""
+    """The concatenated weights; under CPU autocast inside `cast_cache()`, frozen ones come cast once."""
     low = _cpu_autocast_dtype()
-    if (not LOWP_CACHE or low is None or low == Ws[0].dtype or any(w.requires_grad for w in Ws)
-            or Ws[0].device.type != "cpu"):
+    if (_LOWP is None or low is None or low == Ws[0].dtype or any(w.requires_grad for w in Ws)
+            or Ws[0].device.type != "cpu" or torch.is_inference_mode_enabled()):
         return Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
-    key = tuple((id(w), w._version) for w in Ws)
+    key = tuple((w._version, w.data_ptr(), w.shape) for w in Ws)
     hit = _LOWP.get(id(Ws[0]))
-    if hit is None or hit[0]() is not Ws[0] or hit[1] != key or hit[2].dtype != low:
+    if hit is None or any(r() is not w for r, w in zip(hit[0], Ws)) or hit[1] != key or hit[2].dtype != low:
         with torch.autocast("cpu", enabled=False):
             cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(low)
-        if hit is None or hit[0]() is not Ws[0]:
-            weakref.finalize(Ws[0], _LOWP.pop, id(Ws[0]), None)
-        hit = _LOWP[id(Ws[0])] = (weakref.ref(Ws[0]), key, cast)
+        hit = _LOWP[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, cast)
     return hit[2]
 
 
@@ -259,26 +275,28 @@ def attend(q, k, v, mask, causal: bool):
     """q [R, H, Lq, D], k and v [R, Hkv, Lk, D]; mask [R, 1, Lq, Lk] bool (True: attend) or None."""
     bf16 = q.dtype == torch.bfloat16 or _cpu_autocast_dtype() == torch.bfloat16  # (rope leaves q fp32 under autocast)
     if (q.device.type == "cpu" and bf16 and k.shape[2] <= MATH_KEYS
-            and (mask is not None or q.shape[2] == k.shape[2])):
+            and (q.shape[2] == k.shape[2] if mask is None else mask.dtype == torch.bool)):
         return attend_math(q, k, v, mask, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend_math(q, k, v, mask, causal: bool):
-    """What SDPA computes, as matmuls with the scores and softmax in fp32. On the CPU in bf16 (the
-    write step under autocast), torch 2.13's fused kernel took 8-9 ms per layer (forward and
-    backward) on rows of 64-128 keys, where this takes 2-5 ms; from 256 keys on, the fused kernel is
-    faster (BENCHMARKS.md, session 15). A causal mask without `mask` needs Lq == Lk."""
+    """What SDPA computes, as fp32 matmuls (output in v's dtype). On the CPU in bf16 (the write step
+    under autocast), torch 2.13's fused kernel took 7.5-10 ms per layer (forward and backward, 9 heads)
+    on 512 tokens in rows of 64-128 keys, where this takes 4-8 ms; at 256 keys the fused kernel is faster
+    (BENCHMARKS.md, session 15). A causal mask without `mask` needs Lq == Lk; `mask` is bool (True:
+    attend), and every row must attend somewhere (SDPA gives 0 for a row with none, this NaN)."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves H / Hkv query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [R, H, Lq, Lk]
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    elif causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return torch.softmax(s, -1).to(v.dtype) @ v
+    with torch.autocast("cpu", enabled=False):
+        s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [R, H, Lq, Lk]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        elif causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        return (torch.softmax(s, -1) @ v.float()).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from c2w.fast import lm_loss
+from c2w.fast import lm_loss, llama
 from c2w.learners.base import Cost, Progress
 
 
@@ -40,9 +40,16 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
     """
     dev = next(model.parameters()).device
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else contextlib.nullcontext()
-    used = 0
     marks = sorted(marks) if marks is not None else [token_budget * k / (progress_points + 1)
                                                        for k in range(1, progress_points + 1)]
+    with llama.cast_cache() if bf16 else contextlib.nullcontext():
+        yield from _steps(model, tokenizer, opt, params, sample_batch, token_budget, max_len, cost, flops_per_token,
+                          extra_loss, part, marks, amp, dev)
+
+
+def _steps(model, tokenizer, opt, params, sample_batch, token_budget, max_len, cost, flops_per_token, extra_loss,
+           part, marks, amp, dev) -> Progress:
+    used = 0
     while used < token_budget:
         t0 = time.perf_counter()
         loss, n = torch.zeros((), device=dev), 0
