@@ -265,9 +265,8 @@ def _observe(learner, episode: int, texts: list[tuple[str | None, str]]) -> int:
     bar = None
     try:
         for _, tokens in learner.observe_steps(episode, obs):
-            if bar is None:  # the gate has run by now: the write spends the episode's budget (from the share written)
-                wake = int(learner._episode_budget() * (learner.c2w.wake_share if learner.c2w.sleep else 1.0))
-                bar = tqdm(total=wake, unit="tok", desc="write", file=sys.stderr, disable=None, leave=False)
+            if bar is None:  # the gate has run by now, so the share written and the write's budget are known
+                bar = tqdm(total=learner.wake_budget(), unit="tok", desc="write", file=sys.stderr, disable=None, leave=False)
             bar.update(tokens - start - bar.n)
     finally:
         if bar is not None:

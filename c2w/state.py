@@ -295,13 +295,13 @@ def init_state(d: str | Path, model_name: str, learner_cfg: LearnerConfig, c2w_c
 # Settings a state written by an older c2w lacks, read as what that c2w did: states from before the
 # router were unrouted; those from before the budget floor (session 15) spend in proportion to what
 # is written. Any other missing setting takes its dataclass default.
-OLD_STATE_DEFAULTS = {"c2w": {"router": False, "min_budget_share": 0.0}}
+OLD_C2W_DEFAULTS = {"router": False, "min_budget_share": 0.0}
 
 
 def settings(cfg: dict) -> tuple[LearnerConfig, C2WConfig, GateConfig]:
     """The learner, c2w and gate settings a state's config.json stands for."""
     return (_dataclass(LearnerConfig, cfg["learner"], "config.json 'learner'"),
-            _dataclass(C2WConfig, {**OLD_STATE_DEFAULTS["c2w"], **cfg["c2w"]}, "config.json 'c2w'"),
+            _dataclass(C2WConfig, {**OLD_C2W_DEFAULTS, **cfg["c2w"]}, "config.json 'c2w'"),
             _dataclass(GateConfig, cfg["gate"], "config.json 'gate'"))
 
 

@@ -113,7 +113,7 @@ class C2WLearner(Learner):
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
         episode_budget = self._episode_budget()
-        budget = int(episode_budget * (self.c2w.wake_share if self.c2w.sleep else 1.0))
+        budget = self.wake_budget()
         # Progress points sit at fractions of the whole episode's budget, as for every learner; those
         # past the online write are measured inside the sleep that ends the episode.
         p = self.cfg.progress_points
@@ -131,6 +131,11 @@ class C2WLearner(Learner):
         if self.share <= 0:
             return 0.0
         return self.cfg.token_budget * max(self.share ** self.c2w.budget_exponent, self.c2w.min_budget_share)
+
+    def wake_budget(self) -> int:
+        """Tokens of this episode's online write (all of the episode's budget without sleep); valid once
+        the gate has set the share written."""
+        return int(self._episode_budget() * (self.c2w.wake_share if self.c2w.sleep else 1.0))
 
     def _gate_tokens(self, texts: list[str], scores) -> int:
         """Forward-pass tokens the gate spent: the signals pass on every text but duplicates, the

@@ -39,42 +39,37 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
     and optimizer state stay fp32).
     """
     dev = next(model.parameters()).device
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else contextlib.nullcontext()
+    cpu_bf16 = bf16 and dev.type == "cpu"
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
+    used = 0
     marks = sorted(marks) if marks is not None else [token_budget * k / (progress_points + 1)
                                                        for k in range(1, progress_points + 1)]
-    with llama.cast_cache() if bf16 else contextlib.nullcontext():
-        yield from _steps(model, tokenizer, opt, params, sample_batch, token_budget, max_len, cost, flops_per_token,
-                          extra_loss, part, marks, amp, dev)
-
-
-def _steps(model, tokenizer, opt, params, sample_batch, token_budget, max_len, cost, flops_per_token, extra_loss,
-           part, marks, amp, dev) -> Progress:
-    used = 0
-    while used < token_budget:
-        t0 = time.perf_counter()
-        loss, n = torch.zeros((), device=dev), 0
-        with amp:
-            if extra_loss is not None:
-                loss, n = extra_loss(token_budget - used)
-            batch = sample_batch()
-            if batch:
-                ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)
-                if len(ids):
-                    loss, n = loss + lm_loss(model, ids, att, att.bool()), n + int(att.sum())
-        if n == 0:  # nothing to train on (or no budget left for even one token): stop rather than spin
-            return
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        used += n
-        cost.trained_tokens += n
-        cost.train_steps += 1
-        cost.add(flops_per_token * n, part)
-        cost.train_s += time.perf_counter() - t0  # excludes the runner's work while we are paused
-        while marks and used >= marks[0]:
-            marks.pop(0)
-            yield cost.train_steps, cost.trained_tokens
+    with llama.cast_cache() if cpu_bf16 else contextlib.nullcontext():  # frozen weights cast once per loop
+        while used < token_budget:
+            t0 = time.perf_counter()
+            loss, n = torch.zeros((), device=dev), 0
+            with amp:
+                if extra_loss is not None:
+                    loss, n = extra_loss(token_budget - used)
+                batch = sample_batch()
+                if batch:
+                    ids, att = fit_budget(*collate(tokenizer, batch, max_len, dev), token_budget - used - n)
+                    if len(ids):
+                        loss, n = loss + lm_loss(model, ids, att, att.bool()), n + int(att.sum())
+            if n == 0:  # nothing to train on (or no budget left for even one token): stop rather than spin
+                return
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            used += n
+            cost.trained_tokens += n
+            cost.train_steps += 1
+            cost.add(flops_per_token * n, part)
+            cost.train_s += time.perf_counter() - t0  # excludes the runner's work while we are paused
+            while marks and used >= marks[0]:
+                marks.pop(0)
+                yield cost.train_steps, cost.trained_tokens
 
 
 def fit_budget(ids: torch.Tensor, att: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,29 +139,21 @@ def cloze_pairs(texts: list[str]) -> list[tuple[int, str, str]]:
             for k, t in enumerate(texts) for sent in sentences(t) for span in salient_spans(sent)[:MAX_SPANS]]
 
 
+@torch.no_grad()
 def cloze_familiarity(model, tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 128) -> list[float]:
     """Per text, the largest summed NLL of a salient span (name, number) given the rest of its
     sentence as a question: "Question: Kampala is the capital city of what?\nAnswer:" -> " Uganda".
     A fact the model knows has every part predictable from the others, in any order; reading left
     to right cannot see that "Kampala" in "Kampala is the capital city of Uganda." is known, since
-    nothing comes before it. A new fact has a part nothing predicts. inf for a text without spans."""
+    nothing comes before it. A new fact has a part nothing predicts. inf for a text without spans.
+    A question longer than `max_len` tokens keeps its end (the part next to the answer)."""
     pairs = cloze_pairs(texts)
-    worst = [float("-inf")] * len(texts)
-    for (k, _, _), cost in zip(pairs, answer_nll(model, tokenizer, [(q, a) for _, q, a in pairs], batch_size, max_len)):
-        worst[k] = max(worst[k], cost)
-    return [w if w > float("-inf") else float("inf") for w in worst]
-
-
-@torch.no_grad()
-def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, max_len: int = 128) -> list[float]:
-    """Summed NLL of each answer after its question, [(question, " answer")] -> [nats]. A question
-    longer than `max_len` tokens keeps its end (the part next to the answer)."""
     dev = next(model.parameters()).device
-    out: list[float] = []
+    worst = [float("-inf")] * len(texts)
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b: b + batch_size]
-        pre = [tokenizer(q, add_special_tokens=False).input_ids for q, _ in chunk]
-        ans = [tokenizer(a, add_special_tokens=False).input_ids[: max_len // 2] for _, a in chunk]
+        pre = [tokenizer(q, add_special_tokens=False).input_ids for _, q, _ in chunk]
+        ans = [tokenizer(a, add_special_tokens=False).input_ids[: max_len // 2] for _, _, a in chunk]
         pre = [p[-(max_len - len(a)):] for p, a in zip(pre, ans)]  # [B] lists; logits [B, <=max_len, V]
         L = max(len(p) + len(a) for p, a in zip(pre, ans))
         ids = torch.zeros(len(chunk), L, dtype=torch.long)
@@ -170,10 +162,11 @@ def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int =
             ids[r, : len(p) + len(a)] = torch.tensor(p + a)
             att[r, : len(p) + len(a)] = 1
         logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float(), -1)
-        for r, (p, a) in enumerate(zip(pre, ans)):
+        for r, ((k, _, _), p, a) in enumerate(zip(chunk, pre, ans)):
             pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=dev)  # logits predicting the answer
-            out.append(-logp[r, pos].gather(-1, torch.tensor(a, device=dev)[:, None]).sum().item())
-    return out
+            cost = -logp[r, pos].gather(-1, torch.tensor(a, device=dev)[:, None]).sum().item()
+            worst[k] = max(worst[k], cost)
+    return [w if w > float("-inf") else float("inf") for w in worst]
 
 
 def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: float, max_len: int = 128) -> tuple[float, float]:
