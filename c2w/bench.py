@@ -68,6 +68,30 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
     return bb, controls, passages, base_logprobs(bb.model, passages)
 
 
+MIN_PASSES = 4  # below this many passes over an episode's text, the bench warns (the issue's LoRA used 8)
+
+
+def budget_passes(tokenizer, stream: Stream, token_budget: int) -> list[float]:
+    """Per episode: how many times the token budget could go over the text a learner observes."""
+    tokens = [0] * stream.n_episodes
+    for r in stream.records:
+        if r.observed and r.text.strip():
+            tokens[r.episode] += len(tokenizer(r.text).input_ids)
+    return [token_budget / t if t else float("inf") for t in tokens]
+
+
+def budget_warning(passes: list[float], token_budget: int) -> str | None:
+    """A line for the user when the budget cannot go over some episode's text MIN_PASSES times."""
+    k = min(range(len(passes)), key=passes.__getitem__)
+    if passes[k] >= MIN_PASSES:
+        return None
+    need = round(2 * MIN_PASSES * token_budget / passes[k], -2)
+    return (f"c2w bench: the token budget ({token_budget} per episode) covers {passes[k]:.1f} passes over "
+            f"episode {k}'s observed text ({token_budget / passes[k]:.0f} tokens); below {MIN_PASSES}, "
+            f"every weight-writing method sees each text a few times at most and learns little of it. "
+            f"For {2 * MIN_PASSES} passes: --token-budget {need:.0f}.")
+
+
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
     return LearnerConfig(lr=lr or cfg.lr or DEFAULT_LR.get(lr_key(method), 1e-3), token_budget=cfg.token_budget,
                          progress_points=cfg.progress_points, bf16_writes=cfg.bf16_writes, seed=seed)
@@ -143,6 +167,9 @@ def bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     bb, controls, passages, base_lp = prepare(cfg)
+    passes = {s: budget_passes(bb.tokenizer, st, cfg.token_budget) for s, st in streams.items()}
+    if warning := budget_warning(min(passes.values(), key=min), cfg.token_budget):
+        tqdm.write(warning)
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
@@ -154,7 +181,8 @@ def bench(cfg: BenchConfig) -> dict:
         "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
                                       if lr_key(m) in DEFAULT_LR},
-                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[seeds[0]].meta},
+                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[seeds[0]].meta,
+                   "budget_passes": {s: [round(x, 2) for x in p] for s, p in passes.items()}},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},
         "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
     }

@@ -102,3 +102,24 @@ def test_base_answers_finds_what_the_frozen_base_really_says(tiny):
     recs = [Record("k1", 0, "x", (Probe(prompt, said[0]),), role="known"),
             Record("k2", 0, "y", (Probe(prompt, "Zzyzxqv"),), role="known")]
     assert base_answers(tiny, recs, "raw") == {"k1"}
+
+
+def test_budget_passes_count_observed_text_and_warn_when_few(tiny):
+    from c2w.bench import MIN_PASSES, budget_passes, budget_warning
+    from c2w.streams.records import Probe, Record, Stream
+
+    n = len(tiny.tokenizer("word " * 50).input_ids)
+    stream = Stream([Record("a", 0, "word " * 50, (Probe("p", "x"),)),
+                     Record("c", 0, "", (Probe("The capital of France is", "Paris"),), role="control"),
+                     Record("b", 1, "word " * 50, (Probe("p", "x"),)), Record("d", 1, "word " * 50, role="noise")])
+    passes = budget_passes(tiny.tokenizer, stream, 10 * n)
+    assert passes == [10.0, 5.0]  # controls are never observed; noise is
+    assert budget_warning(passes, 10 * n) is None
+    few = budget_passes(tiny.tokenizer, stream, n)
+    msg = budget_warning(few, n)
+    assert few == [1.0, 0.5] and "0.5 passes over episode 1" in msg and f"--token-budget {round(4 * MIN_PASSES * n, -2):.0f}" in msg
+
+
+def test_results_record_the_budget_passes_per_seed(first_run):
+    cfg = json.loads((first_run / "results.json").read_text())["config"]
+    assert set(cfg["budget_passes"]) == {"0", "1"} and all(len(v) == 2 and min(v) > 0 for v in cfg["budget_passes"].values())
