@@ -68,7 +68,10 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
     return bb, controls, passages, base_logprobs(bb.model, passages)
 
 
-MIN_PASSES = 4  # below this many passes over an episode's text, the bench warns (the LoRA used 8)
+# Below this many passes over an episode's observed text, the bench warns. The built-in stream's quick
+# preset gives 16-20; on the dev passages (examples/passages.jsonl) c2w learned almost nothing at
+# 4-6 passes (learning accuracy 0.037) and 0.250 at four times that (BENCHMARKS.md, session 16).
+MIN_PASSES = 8
 
 
 def budget_passes(tokenizer, stream: Stream, token_budget: int) -> list[float]:

@@ -255,7 +255,8 @@ class _null:
         return False
 
 
-def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw) -> dict:
+def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw,
+                  dtype: torch.dtype | None = None) -> dict:
     from c2w.fast import decode
 
     plain_m, fast_m = _models(base, lora_kw)
@@ -279,7 +280,7 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
                         decode.answer_logprobs(plain_m, tok, prompts, answers, batch_size=32, fast=False))
 
     def fast():
-        res["c2w"] = decode.decode_and_logprobs(fast_m, tok, prompts, answers, mx, batch_size=32)
+        res["c2w"] = decode.decode_and_logprobs(fast_m, tok, prompts, answers, mx, batch_size=32, dtype=dtype)
 
     n_prompt = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
     toks = n_prompt + sum(mx)  # prompt tokens read + tokens decoded (upper bound, EOS may cut)
@@ -342,7 +343,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
              real_weights: bool = False, compile: bool = False, shape: str = "smollm2",
              workloads: tuple[str, ...] | list[str] = WORKLOADS, scoring_prompts: int = 32, decode_tokens: int = 32,
              decode_batches: tuple[int, ...] = (1, 32), threads: int | None = None, log=None,
-             tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False) -> dict:
+             tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False, bf16_scoring: bool = False) -> dict:
     """Run the workloads; returns {workload: {plain, c2w (tokens/s), ratio, detail, ...}, 'setup': ...}.
     `tokenizer`: reuse one already loaded (random-init shapes only)."""
     from c2w.backbone import default_dtype, resolve_device
@@ -370,6 +371,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                                 if shape == "smollm2" else "tiny", params=n_params, lora=lora_kw, repeats=repeats,
                                 threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
                                 cuda_graphs=decode.CUDA_GRAPHS, bf16_writes=bool(bf16_writes) and dev.type == "cpu",
+                                bf16_scoring=bool(bf16_scoring) and dev.type == "cpu",
                                 matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
     try:
         for w in workloads:
@@ -379,7 +381,8 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                 out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw,
                                      graphs=decode.CUDA_GRAPHS, bf16=bf16_writes)
             elif w in ("scoring", "scoring_chat"):
-                out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw)
+                out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw,
+                                       torch.bfloat16 if bf16_scoring and dev.type == "cpu" else None)
             elif w == "decode":
                 out[w] = bench_decode(model, tok, dev, list(decode_batches), decode_tokens, repeats, peak, n_params, lora_kw)
             else:
@@ -408,7 +411,8 @@ def format_table(res: dict) -> str:
     lines = [f"c2w perf on {s['device_name']} ({s['device']}, {s['dtype']}, {s['threads']} threads), {s['model']}, "
              f"LoRA r={s['lora']['r']} all-linear; medians of {s['repeats']}; MFU against the square GEMM "
              f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)"
-             + ("; c2w's write steps under bf16 autocast (--bf16-writes), plain in fp32" if s.get("bf16_writes") else ""),
+             + ("; c2w's write steps under bf16 autocast (--bf16-writes), plain in fp32" if s.get("bf16_writes") else "")
+             + ("; c2w's scoring blocks in bf16 (--bf16-scoring), plain in fp32" if s.get("bf16_scoring") else ""),
              f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"]
     for w, r in res.items():
         if w == "setup":
@@ -432,7 +436,7 @@ def cmd_perf(ns) -> int:
 
     res = run_perf(device=ns.device, batch=ns.batch, seq=ns.seq, repeats=ns.repeats, real_weights=ns.real_weights,
                    compile=ns.compile, shape=ns.shape, threads=ns.threads,
-                   cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, workloads=[w for w in ns.workloads.split(",") if w],
+                   cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, bf16_scoring=ns.bf16_scoring, workloads=[w for w in ns.workloads.split(",") if w],
                    log=None if ns.json else (lambda m: print(m, file=sys.stderr)))
     print(json.dumps(res, indent=1) if ns.json else format_table(res))
     return 0

@@ -112,9 +112,9 @@ def test_budget_passes_count_observed_text_and_warn_when_few(tiny):
     stream = Stream([Record("a", 0, "word " * 50, (Probe("p", "x"),)),
                      Record("c", 0, "", (Probe("The capital of France is", "Paris"),), role="control"),
                      Record("b", 1, "word " * 50, (Probe("p", "x"),)), Record("d", 1, "word " * 50, role="noise")])
-    passes = budget_passes(tiny.tokenizer, stream, 10 * n)
-    assert passes == [10.0, 5.0]  # controls are never observed; noise is
-    assert budget_warning(passes, 10 * n) is None
+    passes = budget_passes(tiny.tokenizer, stream, 2 * MIN_PASSES * n)
+    assert passes == [2.0 * MIN_PASSES, 1.0 * MIN_PASSES]  # controls are never observed; noise is
+    assert budget_warning(passes, 2 * MIN_PASSES * n) is None
     few = budget_passes(tiny.tokenizer, stream, n)
     msg = budget_warning(few, n)
     assert few == [1.0, 0.5] and "0.5 passes over episode 1" in msg and f"--token-budget {round(4 * MIN_PASSES * n, -2):.0f}" in msg

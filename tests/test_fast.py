@@ -301,3 +301,25 @@ def test_answer_as_greedy_draft(models, tiny, monkeypatch):
     assert ids == greedy_decode(m, tok, prompts, mx, fast=False)
     ref = answer_logprobs(m, tok, prompts, answers, fast=False)
     assert max(abs(a - b) for a, b in zip(lps, ref)) <= LP_TOL
+
+
+BF16_LP_TOL = 0.05  # bf16 blocks: log-probs within rounding of 30 (here 2) bf16 layers, not fp32's 1e-4
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "two-adapters"])
+def test_bf16_scoring_stays_close_to_fp32(models, tiny, kind):
+    m, tok = models[kind], tiny.tokenizer
+    ref_ids, ref = decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5)
+    ids, lps = decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5, dtype=torch.bfloat16)
+    diff = max(abs(a - b) for a, b in zip(lps, ref))
+    assert 1e-6 < diff <= BF16_LP_TOL  # bf16 really ran, and stayed close
+    assert sum(a == b for a, b in zip(ids, ref_ids)) >= len(PROMPTS) - 1  # a near-tie may flip one row
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # the model is untouched
+
+
+def test_cast_plan_folds_the_adapters_in_and_keeps_the_head(models):
+    p = llama.plan(models["lora"])
+    c = p.cast(torch.bfloat16)
+    assert not c.has_lora and c.dtype == torch.bfloat16 and c.layers[0].qkv.W.dtype == torch.bfloat16
+    assert c.head.W.dtype == torch.float32
+    assert torch.equal(c.layers[0].qkv.W, p.merged().layers[0].qkv.W.to(torch.bfloat16))  # folded in fp32, rounded once

@@ -38,11 +38,19 @@ def test_perf_bf16_writes_times_the_autocast_step_and_reports_its_agreement(tiny
     assert "bf16 autocast" in format_table(res)
 
 
+def test_perf_bf16_scoring_reports_its_agreement(tiny):
+    res = run_perf(shape="tiny", repeats=1, threads=1, tokenizer=tiny.tokenizer, scoring_prompts=4,
+                   workloads=["scoring"], bf16_scoring=True)
+    assert res["setup"]["bf16_scoring"] is True
+    assert 1e-6 < res["scoring"]["logprob_max_abs_diff"] <= 0.05  # bf16 ran; within the stated tolerance
+    assert "--bf16-scoring" in format_table(res)
+
+
 def test_perf_parser_flags():
     ap = argparse.ArgumentParser()
     add_perf_parser(ap.add_subparsers(dest="command"))
     ns = ap.parse_args(["perf", "--device", "cpu", "--json", "--batch", "4", "--seq", "32", "--repeats", "2",
-                        "--real-weights", "--compile", "--bf16-writes"])
-    assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile, ns.bf16_writes) == \
-        ("cpu", True, 4, 32, 2, True, True, True)
+                        "--real-weights", "--compile", "--bf16-writes", "--bf16-scoring"])
+    assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile, ns.bf16_writes,
+            ns.bf16_scoring) == ("cpu", True, 4, 32, 2, True, True, True, True)
     assert callable(ns.func)

@@ -29,8 +29,10 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _plan_for(model, n_tokens: int, fast: bool):
+def _plan_for(model, n_tokens: int, fast: bool, dtype: torch.dtype | None = None):
     p = llama.plan(model) if fast else None
+    if p is not None and dtype is not None and dtype != p.dtype:
+        return p.cast(dtype)  # adapters folded in as it casts
     if p is not None and p.has_lora and n_tokens >= MERGE_MIN_TOKENS:
         p = p.merged()
     return p
@@ -343,12 +345,16 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
 
 @torch.no_grad()
 def decode_and_logprobs(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: list[int],
-                        batch_size: int = 32, *, fast: bool = True) -> tuple[list[list[int]], list[float]]:
-    """`greedy_decode` and `answer_logprobs` of the same probes from one shared prompt prefill."""
+                        batch_size: int = 32, *, fast: bool = True,
+                        dtype: torch.dtype | None = None) -> tuple[list[list[int]], list[float]]:
+    """`greedy_decode` and `answer_logprobs` of the same probes from one shared prompt prefill.
+    `dtype` (torch.bfloat16): the blocks run in it (the head stays in the model's dtype): on a CPU
+    with bf16 units about 1.8x faster, at log-probs within a few hundredths (not the fp32 path's
+    1e-4); None: the model's own dtype."""
     seqs = _encode(tokenizer, prompts)
     pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
     n_tok = sum(map(len, seqs)) + sum(max_new_tokens) + sum(len(a) for _, a in pairs)
-    p = _plan_for(model, n_tok, fast)
+    p = _plan_for(model, n_tok, fast, dtype)
     if p is None or any(len(s) == 0 for s in seqs):
         return (greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size, fast=False),
                 answer_logprobs(model, tokenizer, prompts, answers, batch_size, fast=False))
