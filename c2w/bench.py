@@ -83,16 +83,20 @@ def budget_passes(tokenizer, stream: Stream, token_budget: int) -> list[float]:
     return [token_budget / t if t else float("inf") for t in tokens]
 
 
+def thin_budget(token_budget: int, tokens: int, flag: str) -> str | None:
+    """What to tell a user whose budget goes over `tokens` of text fewer than MIN_PASSES times."""
+    if not tokens or token_budget >= MIN_PASSES * tokens:
+        return None
+    return (f"the token budget ({token_budget}) covers {token_budget / tokens:.1f} passes over {tokens} tokens of "
+            f"observed text; below {MIN_PASSES}, a learner sees each text a few times at most and learns little "
+            f"of it. For {2 * MIN_PASSES} passes: {flag} {round(2 * MIN_PASSES * tokens, -2):.0f}.")
+
+
 def budget_warning(passes: list[float], token_budget: int) -> str | None:
     """A line for the user when the budget cannot go over some episode's text MIN_PASSES times."""
     k = min(range(len(passes)), key=passes.__getitem__)
-    if passes[k] >= MIN_PASSES:
-        return None
-    need = round(2 * MIN_PASSES * token_budget / passes[k], -2)
-    return (f"c2w bench: the token budget ({token_budget} per episode) covers {passes[k]:.1f} passes over "
-            f"episode {k}'s observed text ({token_budget / passes[k]:.0f} tokens); below {MIN_PASSES}, "
-            f"every weight-writing method sees each text a few times at most and learns little of it. "
-            f"For {2 * MIN_PASSES} passes: --token-budget {need:.0f}.")
+    msg = thin_budget(token_budget, round(token_budget / passes[k]), "--token-budget")
+    return msg and f"c2w bench: episode {k}: {msg}"
 
 
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:

@@ -185,6 +185,7 @@ def _call_cfg(stored, episode_budget: int | None):
 
 # --- commands -----------------------------------------------------------------------------------
 def cmd_learn(ns) -> int:
+    from c2w.bench import thin_budget
     from c2w.config import C2WConfig, GateConfig, LearnerConfig
     from c2w.state import (StateError, check_dir_usable, gate_counts, init_state, load_state, now, save_state,
                            state_exists, state_lock)
@@ -233,6 +234,9 @@ def cmd_learn(ns) -> int:
             n_before, log_before = len(learner.buffer.entries), len(learner.gate_log)
             tok0, t0 = learner.cost.trained_tokens, time.perf_counter()
             learner.cfg = _call_cfg(stored, ns.budget)
+            tokens = sum(len(learner.tokenizer(t).input_ids) for _, t in texts)
+            if thin := thin_budget(learner.cfg.token_budget, tokens, "--budget"):
+                print(f"c2w learn: {thin}", file=sys.stderr)
             written = _observe(learner, ep, texts)
             learner.cfg = stored
             meta.update(episodes=meta["episodes"] + 1, next_episode=ep + 1, last_learn=now(),

@@ -222,3 +222,15 @@ def test_state_survives_a_kill_at_a_random_point_and_the_next_run_resumes(tmp_pa
     assert meta2["episodes"] == meta["episodes"] + 1
     names = sorted(x.name for x in d.iterdir())
     assert names[:2] == ["CURRENT", "lock"] and len(names) <= 4 and all(n.startswith("v") for n in names[2:])
+
+
+def test_learn_warns_when_the_budget_is_thin_for_the_text(made, tmp_path, capsys):
+    d = tmp_path / "s"
+    shutil.copytree(made, d)
+    src = write(tmp_path / "long.jsonl", [{"text": " ".join(FACTS * 4)}])
+    assert cli.main(["learn", "--state", str(d), "--budget", "40", str(src)]) == 0
+    err = capsys.readouterr().err
+    assert "c2w learn: the token budget (40) covers" in err and "For 16 passes: --budget" in err
+    short = write(tmp_path / "short.jsonl", [{"text": "Oskeln lies on the coast."}])
+    assert cli.main(["learn", "--state", str(d), "--budget", "2000", str(short)]) == 0
+    assert "c2w learn:" not in capsys.readouterr().err
