@@ -74,13 +74,13 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
 MIN_PASSES = 8
 
 
-def budget_passes(tokenizer, stream: Stream, token_budget: int) -> list[float]:
-    """Per episode: how many times the token budget could go over the text a learner observes."""
+def episode_tokens(tokenizer, stream: Stream) -> list[int]:
+    """Per episode: the tokens of the text a learner observes (controls are never observed)."""
     tokens = [0] * stream.n_episodes
     for r in stream.records:
         if r.observed and r.text.strip():
             tokens[r.episode] += len(tokenizer(r.text).input_ids)
-    return [token_budget / t if t else float("inf") for t in tokens]
+    return tokens
 
 
 def thin_budget(token_budget: int, tokens: int, flag: str) -> str | None:
@@ -90,13 +90,6 @@ def thin_budget(token_budget: int, tokens: int, flag: str) -> str | None:
     return (f"the token budget ({token_budget}) covers {token_budget / tokens:.1f} passes over {tokens} tokens of "
             f"observed text; below {MIN_PASSES}, a learner sees each text a few times at most and learns little "
             f"of it. For {2 * MIN_PASSES} passes: {flag} {round(2 * MIN_PASSES * tokens, -2):.0f}.")
-
-
-def budget_warning(passes: list[float], token_budget: int) -> str | None:
-    """A line for the user when the budget cannot go over some episode's text MIN_PASSES times."""
-    k = min(range(len(passes)), key=passes.__getitem__)
-    msg = thin_budget(token_budget, round(token_budget / passes[k]), "--token-budget")
-    return msg and f"c2w bench: episode {k}: {msg}"
 
 
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
@@ -174,9 +167,9 @@ def bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     bb, controls, passages, base_lp = prepare(cfg)
-    passes = {s: budget_passes(bb.tokenizer, st, cfg.token_budget) for s, st in streams.items()}
-    if warning := budget_warning(min(passes.values(), key=min), cfg.token_budget):
-        tqdm.write(warning)
+    tokens = {s: episode_tokens(bb.tokenizer, st) for s, st in streams.items()}
+    if thin := thin_budget(cfg.token_budget, max(max(t) for t in tokens.values()), "--token-budget"):
+        tqdm.write(f"c2w bench, longest episode: {thin}")
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
@@ -189,7 +182,8 @@ def bench(cfg: BenchConfig) -> dict:
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
                                       if lr_key(m) in DEFAULT_LR},
                    "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[seeds[0]].meta,
-                   "budget_passes": {s: [round(x, 2) for x in p] for s, p in passes.items()}},
+                   "budget_passes": {s: [round(cfg.token_budget / n, 2) if n else None for n in t]
+                                     for s, t in tokens.items()}},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},
         "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
     }

@@ -104,21 +104,20 @@ def test_base_answers_finds_what_the_frozen_base_really_says(tiny):
     assert base_answers(tiny, recs, "raw") == {"k1"}
 
 
-def test_budget_passes_count_observed_text_and_warn_when_few(tiny):
-    from c2w.bench import MIN_PASSES, budget_passes, budget_warning
+def test_budget_counts_observed_text_and_warns_when_thin(tiny):
+    from c2w.bench import MIN_PASSES, episode_tokens, thin_budget
     from c2w.streams.records import Probe, Record, Stream
 
     n = len(tiny.tokenizer("word " * 50).input_ids)
     stream = Stream([Record("a", 0, "word " * 50, (Probe("p", "x"),)),
                      Record("c", 0, "", (Probe("The capital of France is", "Paris"),), role="control"),
-                     Record("b", 1, "word " * 50, (Probe("p", "x"),)), Record("d", 1, "word " * 50, role="noise")])
-    passes = budget_passes(tiny.tokenizer, stream, 2 * MIN_PASSES * n)
-    assert passes == [2.0 * MIN_PASSES, 1.0 * MIN_PASSES]  # controls are never observed; noise is
-    assert budget_warning(passes, 2 * MIN_PASSES * n) is None
-    few = budget_passes(tiny.tokenizer, stream, n)
-    msg = budget_warning(few, n)
-    assert few == [1.0, 0.5] and "episode 1:" in msg and "0.5 passes" in msg
-    assert f"--token-budget {round(4 * MIN_PASSES * n, -2):.0f}" in msg
+                     Record("b", 1, "word " * 50, (Probe("p", "x"),)), Record("d", 1, "word " * 50, role="noise"),
+                     Record("e", 2, "", (Probe("q", "y"),), role="control")])
+    assert episode_tokens(tiny.tokenizer, stream) == [n, 2 * n, 0]  # controls are never observed; noise is
+    assert thin_budget(MIN_PASSES * 2 * n, 2 * n, "--token-budget") is None
+    assert thin_budget(10, 0, "--budget") is None  # nothing observed: nothing to warn about
+    msg = thin_budget(n, 2 * n, "--token-budget")
+    assert "covers 0.5 passes" in msg and f"--token-budget {round(4 * MIN_PASSES * n, -2):.0f}" in msg
 
 
 def test_results_record_the_budget_passes_per_seed(first_run):
