@@ -25,6 +25,7 @@ from c2w.evaluation.drift import base_logprobs, encode_passages
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate, run_learner
 from c2w.learners import LearnerConfig, make_learner
+from c2w.learners.train import thin_budget
 from c2w.streams.controls import add_controls, control_candidates
 from c2w.streams.fictional import FictionalConfig, generate_fictional
 from c2w.streams.general_text import general_text
@@ -68,12 +69,6 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
     return bb, controls, passages, base_logprobs(bb.model, passages)
 
 
-# Below this many passes over an episode's observed text, the bench warns. The built-in stream's quick
-# preset gives 16-20; on the dev passages (examples/passages.jsonl) c2w learned almost nothing at
-# 4-6 passes (learning accuracy 0.037) and 0.250 at four times that (BENCHMARKS.md, session 16).
-MIN_PASSES = 8
-
-
 def episode_tokens(tokenizer, stream: Stream) -> list[int]:
     """Per episode: the tokens of the text a learner observes (controls are never observed)."""
     tokens = [0] * stream.n_episodes
@@ -81,15 +76,6 @@ def episode_tokens(tokenizer, stream: Stream) -> list[int]:
         if r.observed and r.text.strip():
             tokens[r.episode] += len(tokenizer(r.text).input_ids)
     return tokens
-
-
-def thin_budget(token_budget: int, tokens: int, flag: str) -> str | None:
-    """What to tell a user whose budget goes over `tokens` of text fewer than MIN_PASSES times."""
-    if not tokens or token_budget >= MIN_PASSES * tokens:
-        return None
-    return (f"the token budget ({token_budget}) covers {token_budget / tokens:.1f} passes over {tokens} tokens of "
-            f"observed text; below {MIN_PASSES}, a learner sees each text a few times at most and learns little "
-            f"of it. For {2 * MIN_PASSES} passes: {flag} {round(2 * MIN_PASSES * tokens, -2):.0f}.")
 
 
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:

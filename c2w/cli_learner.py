@@ -185,8 +185,8 @@ def _call_cfg(stored, episode_budget: int | None):
 
 # --- commands -----------------------------------------------------------------------------------
 def cmd_learn(ns) -> int:
-    from c2w.bench import thin_budget
     from c2w.config import C2WConfig, GateConfig, LearnerConfig
+    from c2w.learners.train import thin_budget
     from c2w.state import (StateError, check_dir_usable, gate_counts, init_state, load_state, now, save_state,
                            state_exists, state_lock)
 

@@ -105,7 +105,8 @@ def test_base_answers_finds_what_the_frozen_base_really_says(tiny):
 
 
 def test_budget_counts_observed_text_and_warns_when_thin(tiny):
-    from c2w.bench import MIN_PASSES, episode_tokens, thin_budget
+    from c2w.bench import episode_tokens
+    from c2w.learners.train import MIN_PASSES, thin_budget
     from c2w.streams.records import Probe, Record, Stream
 
     n = len(tiny.tokenizer("word " * 50).input_ids)

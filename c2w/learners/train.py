@@ -21,6 +21,21 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
+# Below this many passes over the text a learner observes, `c2w bench` and `c2w learn` warn. The
+# built-in stream's quick preset gives 16-20; on the dev passages (examples/passages.jsonl) c2w learned almost nothing at
+# 4-6 passes (learning accuracy 0.037) and 0.250 at four times that (BENCHMARKS.md, session 16).
+MIN_PASSES = 8
+
+
+def thin_budget(token_budget: int, tokens: int, flag: str) -> str | None:
+    """What to tell a user whose budget goes over `tokens` of text fewer than MIN_PASSES times."""
+    if not tokens or token_budget >= MIN_PASSES * tokens:
+        return None
+    return (f"the token budget ({token_budget}) covers {token_budget / tokens:.1f} passes over {tokens} tokens of "
+            f"observed text; below {MIN_PASSES}, a learner sees each text a few times at most and learns little "
+            f"of it. For {2 * MIN_PASSES} passes: {flag} {round(2 * MIN_PASSES * tokens, -2):.0f}.")
+
+
 def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 sample_batch: Callable[[], list[str]], token_budget: int, max_len: int, cost: Cost,
                 flops_per_token: float, progress_points: int = 0,
