@@ -129,15 +129,17 @@ def _compare(dev, sides: list[Side], repeats: int, probe) -> dict:
     out = {"gemm_gflops": peak_flops / 1e9}
     for s in sides:
         med = statistics.median(s.times)
-        out[s.name] = dict(tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak_flops,
+        out[s.name] = dict(tokens=s.tokens, tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak_flops,
                            peak_mem_mb=s.peak / 2 ** 20, times_s=[round(t, 4) for t in s.times])
     return out
 
 
 def _result(stats: dict, **extra) -> dict:
     p, c = stats["plain"], stats["c2w"]
+    # each round times plain then c2w back to back: the ratio within a round shares the machine's load
+    rounds = [(c["tokens"] / tc) / (p["tokens"] / tp) for tp, tc in zip(p["times_s"], c["times_s"])]
     return dict(plain=p["tokens_per_s"], c2w=c["tokens_per_s"], ratio=c["tokens_per_s"] / p["tokens_per_s"],
-                gemm_gflops=stats.pop("gemm_gflops"), detail=stats, **extra)
+                ratio_rounds=[round(r, 3) for r in rounds], gemm_gflops=stats.pop("gemm_gflops"), detail=stats, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +415,8 @@ def format_table(res: dict) -> str:
              f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)"
              + ("; c2w's write steps under bf16 autocast (--bf16-writes), plain in fp32" if s.get("bf16_writes") else "")
              + ("; c2w's scoring blocks in bf16 (--bf16-scoring), plain in fp32" if s.get("bf16_scoring") else ""),
-             f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"]
+             f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"
+             "  (range over rounds)"]
     for w, r in res.items():
         if w == "setup":
             continue
@@ -423,8 +426,10 @@ def format_table(res: dict) -> str:
             for path in ("plain", "c2w"):
                 d = rr["detail"][path]
                 ratio = f"{rr['ratio']:.2f}x" if path == "c2w" else ""
+                rounds = rr.get("ratio_rounds") or []
+                spread = f"  ({min(rounds):.2f}-{max(rounds):.2f})" if path == "c2w" and len(rounds) > 1 else ""
                 lines.append(f"{name if path == 'plain' else '':<16}{path:<7}{d['tokens_per_s']:>11.1f}"
-                             f"{d['ms_per_step']:>11.1f}{100 * d['mfu']:>7.1f}%{d['peak_mem_mb']:>10.0f}{ratio:>11}")
+                             f"{d['ms_per_step']:>11.1f}{100 * d['mfu']:>7.1f}%{d['peak_mem_mb']:>10.0f}{ratio:>11}{spread}")
         agree = {k: v for k, v in r.items() if "diff" in k or "identical" in k}
         if agree:
             lines.append(" " * 16 + "agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))

@@ -318,8 +318,25 @@ def test_bf16_scoring_stays_close_to_fp32(models, tiny, kind):
 
 
 def test_cast_plan_folds_the_adapters_in_and_keeps_the_head(models):
-    p = llama.plan(models["lora"])
-    c = p.cast(torch.bfloat16)
+    m = models["lora"]
+    c = llama.plan(m, dtype=torch.bfloat16)
     assert not c.has_lora and c.dtype == torch.bfloat16 and c.layers[0].qkv.W.dtype == torch.bfloat16
-    assert c.head.W.dtype == torch.float32
-    assert torch.equal(c.layers[0].qkv.W, p.merged().layers[0].qkv.W.to(torch.bfloat16))  # folded in fp32, rounded once
+    assert c.head.W.dtype == torch.float32 and c.embed.dtype == torch.float32  # logits keep fp32
+    assert c.head_lp.dtype == torch.bfloat16
+    # folded in fp32, rounded once: q/k/v's fused weight is (W + s B A) of each module, then cast
+    a = m.get_base_model().model.layers[0].self_attn
+    ref = torch.cat([mod.base_layer.weight + mod.scaling["default"] * mod.lora_B["default"].weight
+                     @ mod.lora_A["default"].weight for mod in (a.q_proj, a.k_proj, a.v_proj)])
+    assert (c.layers[0].qkv.W.float() - ref).abs().max() <= ref.abs().max() * 2 ** -8  # one bf16 rounding
+    assert not torch.equal(c.layers[0].qkv.W.float(), torch.cat([mod.base_layer.weight for mod in (a.q_proj, a.k_proj, a.v_proj)]).bfloat16().float())
+    f = llama.plan(m, fold=True)  # fp32 fold: the same sum, no rounding
+    assert not f.has_lora and f.dtype == torch.float32
+    assert torch.allclose(f.layers[0].qkv.W, ref, atol=1e-6)
+
+
+def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
+    """Candidates from the bf16 head copy, ranked by the fp32 head: the fp32 head's own argmax."""
+    c = llama.plan(models["plain"], dtype=torch.bfloat16)
+    h = torch.randn(64, c.head.W.shape[1]) * 3
+    assert torch.equal(llama.next_token(c, h), (h @ c.head.W.t()).argmax(-1))
+    assert torch.equal(llama.next_token(c, h.view(8, 8, -1)), (h @ c.head.W.t()).argmax(-1).view(8, 8))

@@ -54,3 +54,17 @@ def test_perf_parser_flags():
     assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile, ns.bf16_writes,
             ns.bf16_scoring) == ("cpu", True, 4, 32, 2, True, True, True, True)
     assert callable(ns.func)
+
+
+def test_ratio_rounds_pair_each_rounds_plain_and_c2w_times():
+    """The spread printed beside the median ratio comes from rounds timed back to back."""
+    from c2w.perf import _result
+
+    stats = {"gemm_gflops": 1.0,
+             "plain": dict(tokens=100, tokens_per_s=50.0, ms_per_step=2000.0, mfu=0.1, peak_mem_mb=1.0, times_s=[2.0, 4.0, 2.0]),
+             "c2w": dict(tokens=100, tokens_per_s=100.0, ms_per_step=1000.0, mfu=0.2, peak_mem_mb=1.0, times_s=[1.0, 1.0, 0.5])}
+    r = _result(stats)
+    assert r["ratio"] == 2.0 and r["ratio_rounds"] == [2.0, 4.0, 4.0]
+    table = format_table({"setup": dict(device_name="x", device="cpu", dtype="float32", threads=1, model="m",
+                                         lora=dict(r=16), repeats=3, matmul_peak_gflops=1.0), "write": r})
+    assert "2.00x  (2.00-4.00)" in table

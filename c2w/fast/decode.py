@@ -4,9 +4,9 @@ On Llama-layout models (plain or PEFT LoRA) both run on the lean path of `c2w.fa
 prompts are packed without padding into one prefill that fills a KV cache and computes logits only
 at each prompt's last token; greedy steps then run a short hand-written loop over the cache (rows
 that reach EOS or their own token limit leave the batch). Answer log-probs take logits only at the
-answer positions. `decode_and_logprobs` does both from one shared prefill. LoRA adapters are merged
-into a per-call copy of the weights when the call processes enough tokens to pay for it; the live
-model is never modified. Other models use `model.generate` / a full forward.
+answer positions. `decode_and_logprobs` does both from one shared prefill. LoRA adapters are folded
+into a per-call copy of the weights when the call processes enough tokens to pay for it (always when
+it casts them to bf16); the live model is never modified. Other models use `model.generate` / a full forward.
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _plan_for(model, n_tokens: int, fast: bool, dtype: torch.dtype | None = None):
-    p = llama.plan(model) if fast else None
-    if p is not None and dtype is not None and dtype != p.dtype:
-        return p.cast(dtype)  # adapters folded in as it casts
-    if p is not None and p.has_lora and n_tokens >= MERGE_MIN_TOKENS:
-        p = p.merged()
-    return p
+    # folding costs one pass over the weights (a copy): worth it over enough tokens; a dtype folds as it casts
+    return llama.plan(model, fold=n_tokens >= MERGE_MIN_TOKENS, dtype=dtype) if fast else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +120,7 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         old = (key[None, :] < start[:, None])[:, None, :].expand(B, S, Lc)
         new = (j[None, :] <= j[:, None])[None] & (valid[:, None, :] | (j[None, :] == j[:, None])[None])
         mask = torch.cat([old, new], -1)[:, None]  # [B, 1, S, Lc + S]
-    h = F.embedding(toks, p.embed).view(B * S, -1)
+    h = llama.embed(p, toks).view(B * S, -1)
     cos, sin = llama.cos_sin(p, pos)
     for i, L in enumerate(p.layers):
         x = llama.rms(h, L.ln1, p.eps)
@@ -162,7 +158,7 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
         cache = Cache(p, B, max(len(s) for s in seqs) + max(max_new))
         h_last = prefill(p, seqs, cache)
     if first is None:
-        first = [[t] for t in p.head(h_last).argmax(-1).tolist()]
+        first = [[t] for t in llama.next_token(p, h_last).tolist()]
     graph = _GraphStep(p, cache) if CUDA_GRAPHS and dev.type == "cuda" else None
     n = torch.tensor([len(s) + len(f) - 1 for s, f in zip(seqs, first)], device=dev)
     live = list(range(B))  # sequence index of each cache row
@@ -190,12 +186,12 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
             tok, n = tok[idx], n[idx]
             live = [live[r] for r in keep]
         if graph is not None:
-            logits = graph(tok, n)
+            nxt = graph(tok, n).argmax(-1)
         else:
             h = extend(p, cache, tok[:, None], n, torch.ones_like(tok[:, None], dtype=torch.bool), True)
-            logits = p.head(h[:, 0])
+            nxt = llama.next_token(p, h[:, 0])
         n = n + 1
-        new = [[t] for t in logits.argmax(-1).tolist()]
+        new = [[t] for t in nxt.tolist()]
 
 
 CUDA_GRAPHS = False  # replay greedy steps from a captured CUDA graph (set by `c2w perf --cuda-graphs`)
@@ -270,7 +266,7 @@ def _answer_lp(p: llama.Plan, cache: Cache, rows: list[int], pre: list[list[int]
     if not any(draft):
         return confirmed
     dr = [r for r, d in enumerate(draft) if d]
-    g = p.head(h[dr]).argmax(-1).tolist()  # [n_draft, S]: greedy's choice after each input token
+    g = llama.next_token(p, h[dr]).tolist()  # [n_draft, S]: greedy's choice after each input token
     for r, gr in zip(dr, g):
         a = ans[r]
         m = 0
@@ -348,10 +344,11 @@ def decode_and_logprobs(model, tokenizer, prompts: list[str], answers: list[str]
                         batch_size: int = 32, *, fast: bool = True,
                         dtype: torch.dtype | None = None) -> tuple[list[list[int]], list[float]]:
     """`greedy_decode` and `answer_logprobs` of the same probes from one shared prompt prefill.
-    `dtype` (torch.bfloat16): the blocks run in it (the head stays in the model's dtype): 1.3-1.6x
-    the fp32 path's tokens/s in `c2w perf`'s scoring on a CPU with bf16 units, at log-probs within
-    a few hundredths (not the fp32 path's 1e-4); None: the model's own dtype. Where the lean path
-    does not apply, the transformers fallback runs in the model's dtype."""
+    `dtype` (torch.bfloat16): the blocks run in it (embedding and head stay in the model's dtype; see
+    llama.plan and llama.next_token): 1.7-1.9x the fp32 path's tokens/s in `c2w perf`'s scoring on
+    the 2-core dev machine (AVX512-BF16), at log-probs within a few hundredths (not the fp32 path's
+    1e-4); None: the model's own dtype. Where the lean path does not apply, the transformers fallback
+    runs in the model's dtype."""
     seqs = _encode(tokenizer, prompts)
     pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
     n_tok = sum(map(len, seqs)) + sum(max_new_tokens) + sum(len(a) for _, a in pairs)
@@ -370,7 +367,7 @@ def decode_and_logprobs(model, tokenizer, prompts: list[str], answers: list[str]
             h_last = prefill(p, bs, cache)
             # the answer's prompt part is a prefix of the decode prompt (the tokenisations agree up to n)
             rows = [r for r, k in enumerate(idx) if pairs[k][0] and pairs[k][1]]
-            first = [[t] for t in p.head(h_last).argmax(-1).tolist()]
+            first = [[t] for t in llama.next_token(p, h_last).tolist()]
             if rows:
                 # where the answer continues the whole decode prompt, it is also greedy's draft
                 # (capped so that confirmed tokens stay within the row's token limit and the cache)

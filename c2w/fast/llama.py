@@ -36,12 +36,6 @@ class Lin:
             y = torch.addmm(y, x @ self.A.t(), self.B.t())
         return y
 
-    def merged(self) -> "Lin":
-        """The same map with the adapters folded into W (for inference over many tokens)."""
-        if self.A is None:
-            return self
-        return Lin(torch.addmm(self.W, self.B, self.A), self.b, None, None)
-
 
 @dataclass
 class Layer:
@@ -64,31 +58,13 @@ class Plan:
     n_heads: int
     n_kv: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the blocks' weights and hidden states
     device: torch.device
+    head_lp: torch.Tensor | None = None  # [V, d] a low-precision copy of head.W: greedy's candidates (next_token)
 
     @property
     def vocab(self) -> int:
         return self.head.W.shape[0]
-
-    def merged(self) -> "Plan":
-        ls = [Layer(L.ln1, L.qkv.merged(), L.o.merged(), L.ln2, L.gu.merged(), L.down.merged()) for L in self.layers]
-        return Plan(self.embed, ls, self.norm, self.head.merged(), self.rotary, self.eps, self.n_heads, self.n_kv,
-                    self.head_dim, self.dtype, self.device)
-
-    def cast(self, dtype: torch.dtype) -> "Plan":
-        """The same computation with the adapters folded in (in the plan's dtype: folding them in
-        bf16 rounds twice, which flipped 2 more greedy rows of 32 in `c2w perf`) and the blocks'
-        weights (and so the hidden states) in `dtype`; the output head keeps the plan's dtype, so
-        logits and log-probs keep its precision. For inference only: the cast weights are copies,
-        no gradient reaches the model."""
-        if self.has_lora:
-            return self.merged().cast(dtype)
-        c = lambda t: t.detach().to(dtype)  # noqa: E731
-        lin = lambda L: Lin(c(L.W), None if L.b is None else c(L.b), None, None)  # noqa: E731
-        ls = [Layer(c(L.ln1), lin(L.qkv), lin(L.o), c(L.ln2), lin(L.gu), lin(L.down)) for L in self.layers]
-        return Plan(c(self.embed), ls, c(self.norm), self.head, self.rotary, self.eps, self.n_heads, self.n_kv,
-                    self.head_dim, dtype, self.device)
 
     @property
     def has_lora(self) -> bool:
@@ -192,9 +168,12 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     return hit[2]
 
 
-def _fuse(mods, dtype) -> Lin:
-    """One Lin computing the concatenated outputs of `mods` (all reading the same input)."""
+def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None) -> Lin:
+    """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
+    adapters folded into the weights (a copy); out_dtype: the weights cast to it (after the fold)."""
     parts = [_pieces(m) for m in mods]
+    if fold or out_dtype not in (None, dtype):
+        return _folded(parts, dtype, out_dtype or dtype)
     Ws = [p[0] for p in parts]
     W = _fused_weight(Ws)
     bs = [p[1] for p in parts]
@@ -224,15 +203,53 @@ def _fuse(mods, dtype) -> Lin:
     return Lin(W, b, A, B)
 
 
-def plan(model) -> Plan | None:
-    """Extract the computation of `model`, or None when the lean path does not cover it."""
+def _folded(parts, dtype, out_dtype) -> Lin:
+    """The fused weight with each module's adapters folded in, in `dtype` (so a cast rounds once,
+    after the fold), written module by module into one fresh `out_dtype` buffer. Fresh large buffers
+    cost page faults on first touch (on the 2-core dev machine, a fresh 424 MB copy took 114 ms where a
+    copy into memory already touched took 17 ms), so no full-size intermediate is made: the old
+    route (an fp32 concatenation, an fp32 fold, then a cast) made three."""
+    Ws = [w for w, _, _ in parts]
+    if len(parts) == 1 and not parts[0][2] and out_dtype == dtype:
+        W = Ws[0].detach()  # nothing to fold or cast: the live weight itself
+    else:
+        W = torch.empty(sum(w.shape[0] for w in Ws), Ws[0].shape[1], dtype=out_dtype, device=Ws[0].device)
+        row = 0
+        for w, _, loras in parts:
+            dst = W[row:row + w.shape[0]]
+            row += w.shape[0]
+            if not loras:
+                dst.copy_(w.detach())
+                continue
+            A = torch.cat([a.detach().to(dtype) for a, _, _ in loras], 0)  # [r, in]
+            B = torch.cat([b.detach().to(dtype) * s for _, b, s in loras], 1)  # [out, r], scaling folded in
+            if out_dtype == dtype:
+                torch.addmm(w.detach(), B, A, out=dst)
+            else:
+                dst.copy_(torch.addmm(w.detach(), B, A))  # one module at a time: a small buffer, reused
+    bs = [p[1] for p in parts]
+    b = None
+    if any(bb is not None for bb in bs):
+        b = torch.cat([bb.detach() if bb is not None else W.new_zeros(w.shape[0], dtype=dtype) for bb, w in zip(bs, Ws)])
+        b = b.to(out_dtype)
+    return Lin(W, b, None, None)
+
+
+def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None) -> Plan | None:
+    """Extract the computation of `model`, or None when the lean path does not cover it.
+
+    For inference over many tokens: fold=True folds the adapters into (copies of) the weights; a
+    `dtype` (torch.bfloat16) also casts the blocks' weights, so hidden states run in it, while the
+    embedding and the output head stay in the model's dtype (logits and log-probs keep its precision)
+    and the head gains a `dtype` copy for greedy's candidates (`next_token`). Either way no gradient
+    reaches the model."""
     try:
-        return _plan(model)
+        return _plan(model, fold or dtype is not None, dtype)
     except Unsupported:
         return None
 
 
-def _plan(model) -> Plan:
+def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
     m = _unwrap(model)
     cfg = getattr(m, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "llama" or not hasattr(m, "model"):
@@ -245,18 +262,24 @@ def _plan(model) -> Plan:
     if type(core.embed_tokens) is not torch.nn.Embedding:
         raise Unsupported("embedding adapter")
     dtype = core.embed_tokens.weight.dtype
+    low = cast if cast not in (None, dtype) else None
     layers = []
     for blk in core.layers:
         a, f = blk.self_attn, blk.mlp
         if type(a).__name__ != "LlamaAttention" or type(f).__name__ != "LlamaMLP":
             raise Unsupported("layer type")
-        layers.append(Layer(blk.input_layernorm.weight, _fuse([a.q_proj, a.k_proj, a.v_proj], dtype),
-                            _fuse([a.o_proj], dtype), blk.post_attention_layernorm.weight,
-                            _fuse([f.gate_proj, f.up_proj], dtype), _fuse([f.down_proj], dtype)))
+        ln1, ln2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
+        fuse = lambda mods: _fuse(mods, dtype, fold, low)  # noqa: E731
+        layers.append(Layer(ln1 if low is None else ln1.detach().to(low), fuse([a.q_proj, a.k_proj, a.v_proj]),
+                            fuse([a.o_proj]), ln2 if low is None else ln2.detach().to(low),
+                            fuse([f.gate_proj, f.up_proj]), fuse([f.down_proj])))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     W = core.embed_tokens.weight
-    return Plan(W, layers, core.norm.weight, _fuse([m.lm_head], dtype), core.rotary_emb, cfg.rms_norm_eps,
-                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, dtype, W.device)
+    head = _fuse([m.lm_head], dtype, fold)
+    norm = core.norm.weight if low is None else core.norm.weight.detach().to(low)
+    head_lp = None if low is None or head.b is not None else head.W.detach().to(low)
+    return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
+                cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +299,32 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rot * sin
 
 
+def embed(p: Plan, ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings [..., d] in the blocks' dtype (a cast plan keeps the table in the model's
+    dtype and casts only the rows it looks up)."""
+    return F.embedding(ids, p.embed).to(p.dtype)
+
+
+TOPK = 4  # next_token: candidates taken from the low-precision head, then ranked by the exact head
+
+
+def next_token(p: Plan, h: torch.Tensor) -> torch.Tensor:
+    """Greedy's choice, argmax of the head's logits: h [..., d] -> [...] long. A cast plan takes the
+    TOPK candidates from its bf16 head copy, which reads half the memory (at batch 32 on the 2-core dev
+    machine: 8 ms a step against fp32's 28), and ranks them by exact dot products with the model's head:
+    the same token as the full head unless its logit misses bf16's top TOPK, i.e. unless bf16 rounding
+    of the logits (about 2^-9 of their size) exceeds the gap between the best and the TOPK-th."""
+    if p.head_lp is None:
+        return p.head(h).argmax(-1)
+    cand = (h.to(p.head_lp.dtype) @ p.head_lp.t()).topk(TOPK, -1).indices  # [..., K]
+    x = h.to(p.head.W.dtype)
+    exact = (p.head.W[cand] * x[..., None, :]).sum(-1)  # [..., K] the full head's logits of the candidates
+    return cand.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
+
+
 def cos_sin(p: Plan, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [R, 1, C, D] for positions [R, C] (through the model's own rotary module)."""
-    cos, sin = p.rotary(p.embed[:1], pos)
+    cos, sin = p.rotary(p.embed[:1].to(p.dtype), pos)  # (the embedding may be wider than the blocks)
     return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
@@ -301,16 +347,20 @@ def attend_math(q, k, v, mask, causal: bool):
     on 512 tokens in rows of 64-128 keys, where this takes 4-8 ms; at 256 keys the fused kernel is faster
     (BENCHMARKS.md, session 15). A causal mask without `mask` needs Lq == Lk; `mask` is bool (True:
     attend), and every row must attend somewhere (SDPA gives 0 for a row with none, this NaN)."""
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves H / Hkv query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    R, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    G = H // Hk  # grouped-query attention: query heads j*G .. j*G+G-1 read key head j
     with torch.autocast("cpu", enabled=False):
-        s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [R, H, Lq, Lk]
+        # each key head's G query heads as one [G*Lq, D] block: no copy of k and v per query head (their
+        # repeat and its backward's sum took a third of this function's time, forward and backward)
+        s = (q.float().reshape(R, Hk, G * Lq, D) @ k.float().transpose(-1, -2)) * D ** -0.5  # [R, Hk, G*Lq, Lk]
+        s = s.view(R, Hk, G, Lq, Lk)
         if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
+            s = s.masked_fill(~mask[:, :, None], float("-inf"))  # [R, 1, 1, Lq, Lk]
         elif causal:
-            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-        return (torch.softmax(s, -1) @ v.float()).to(v.dtype)
+            s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        p = torch.softmax(s, -1).view(R, Hk, G * Lq, Lk)
+        return (p @ v.float()).view(R, H, Lq, D).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +459,7 @@ def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
     post-rope keys/values [R, Hkv, C, D] (to fill a decode cache). pre: per-layer (k, v) of a shared
     prefix of P tokens that every packed sequence continues (positions in pk then start at 0 after it)."""
     R, C = pk.ids.shape
-    h = F.embedding(pk.ids, p.embed).view(R * C, -1)
+    h = embed(p, pk.ids).view(R * C, -1)
     mask, pos = pk.mask, pk.pos
     if pre is not None:
         P = pre[0][0].shape[2]
@@ -426,7 +476,14 @@ def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
 
 class _LinearCE(torch.autograd.Function):
     """sum_i -log softmax(h_i W^T)[t_i] / denom, chunked over rows; the gradient is formed in the
-    forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept."""
+    forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept.
+
+    Per chunk, besides the two matmuls, the [n, V] work is one max, one fused softmax (reading the
+    logits in their own dtype, bf16 under autocast, writing fp32) and one cast of the gradient to the
+    logits' dtype: the NLL comes from the softmax's value at the row's maximum, lse = max - log
+    p[argmax] (p[argmax] >= 1 / V: no underflow), and 1/denom and the row weights scale the [n, d]
+    products, not the [n, V] ones. Before, a logsumexp, then subtract, exp and divide passes: the call
+    on 504 x 49152 bf16 logits took 337 ms, now 317 (2-core dev machine; the matmuls are 150 of it)."""
 
     @staticmethod
     def forward(ctx, h, W, t, denom, chunk: int, wt=None):
@@ -436,19 +493,22 @@ class _LinearCE(torch.autograd.Function):
         dW = torch.zeros_like(W, dtype=torch.float32) if need_w else None
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], t[i:i + chunk]
-            z = (hc @ W.t()).float()
-            lse = torch.logsumexp(z, -1)
-            nll = lse - z.gather(1, tc[:, None]).squeeze(1)
+            rows = torch.arange(len(tc), device=h.device)
+            z = hc @ W.t()  # [n, V] logits
+            zmax, arg = z.max(-1)
+            g = torch.softmax(z, -1, dtype=torch.float32)  # [n, V]
+            lse = zmax.float() - g[rows, arg].log()
+            nll = lse - z[rows, tc].float()
             wc = None if wt is None else wt[i:i + chunk]
             total += (nll if wc is None else nll * wc).sum()
             if need_h or need_w:
-                z.sub_(lse[:, None]).exp_()
-                z[torch.arange(len(tc), device=z.device), tc] -= 1.0
-                g = (z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)).to(h.dtype)
+                g[rows, tc] -= 1.0  # d nll / d logits, before 1/denom and the row weights
+                g = g.to(z.dtype)
+                scale = 1.0 / denom if wc is None else (wc / denom)[:, None]
                 if need_h:
-                    dh[i:i + chunk] = g @ W
+                    dh[i:i + chunk] = (g @ W).to(dh.dtype) * scale
                 if need_w:
-                    dW.addmm_(g.t().float(), hc.float())
+                    dW.addmm_(g.t().float(), hc.float() * scale)
         ctx.save_for_backward(dh, dW.to(W.dtype) if dW is not None else None)
         return total / denom
 
