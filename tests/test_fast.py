@@ -334,6 +334,26 @@ def test_cast_plan_folds_the_adapters_in_and_keeps_the_head(models):
     assert torch.allclose(f.layers[0].qkv.W, ref, atol=1e-6)
 
 
+def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
+    """The evaluator's folded weights: one addmm over each fused group's stacked adapters, exactly as
+    before (a per-module fold rounds differently at large stacked ranks, and moved the main command's
+    c2w log-probs by 2e-6), here with a large second adapter as c2w's slow memory grows."""
+    from peft import LoraConfig
+
+    m = _lora(tiny.model, ("fast", "slow"), r=4)
+    m.add_adapter("big", LoraConfig(r=64, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    m.base_model.set_adapter(["fast", "slow", "big"])
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    u, f = llama.plan(m), llama.plan(m, fold=True)
+    for a, b in zip(u.layers, f.layers):
+        for name in ("qkv", "o", "gu", "down"):
+            lu = getattr(a, name)
+            assert torch.equal(getattr(b, name).W, torch.addmm(lu.W, lu.B, lu.A))
+
+
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
     """Candidates from the bf16 head copy, ranked by the fp32 head: the fp32 head's own argmax."""
     c = llama.plan(models["plain"], dtype=torch.bfloat16)
