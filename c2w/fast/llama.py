@@ -170,16 +170,17 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
 
 def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
-    adapters folded into the weights (a copy); out_dtype: the weights cast to it (after the fold)."""
-    parts = [_pieces(m) for m in mods]
-    if out_dtype not in (None, dtype):
-        return _cast_folded(parts, dtype, out_dtype)
-    lin = _stacked(parts, dtype)
-    if fold and lin.A is not None:
+    adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
+    (implies fold: the cast rounds once)."""
+    lin = _stacked([_pieces(m) for m in mods], dtype)
+    low = out_dtype not in (None, dtype)
+    if (fold or low) and lin.A is not None:
         # one addmm over the whole group, as before: the evaluator's fp32 numbers stay bit for bit what
         # they were. Per-module folds differ in the last bit once the group's stacked rank is large
         # (on the dev machine from about 195 on q/k/v: c2w's slow adapter grows by concatenation)
-        return Lin(torch.addmm(lin.W, lin.B, lin.A), lin.b, None, None)
+        lin = Lin(torch.addmm(lin.W, lin.B, lin.A), lin.b, None, None)
+    if low:  # group by group: no full-size fp32 copy of the model is ever alive at once
+        lin = Lin(lin.W.detach().to(out_dtype), None if lin.b is None else lin.b.detach().to(out_dtype), None, None)
     return lin
 
 
@@ -212,31 +213,6 @@ def _stacked(parts, dtype) -> Lin:
         col += r
     B = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
     return Lin(W, b, A, B)
-
-
-def _cast_folded(parts, dtype, out_dtype) -> Lin:
-    """The fused weight with each module's adapters folded in, in `dtype` (so the cast rounds once,
-    after the fold), written module by module into one fresh `out_dtype` buffer. Fresh large buffers
-    cost page faults on first touch (on the 2-core dev machine, a fresh fp32 copy of 424 MB took 114 ms,
-    a cast into memory already touched 17 ms), so no full-size intermediate is made: the old route
-    (an fp32 concatenation, an fp32 fold, then a cast) made three."""
-    Ws = [w.detach() for w, _, _ in parts]
-    W = torch.empty(sum(w.shape[0] for w in Ws), Ws[0].shape[1], dtype=out_dtype, device=Ws[0].device)
-    row = 0
-    for w, (_, _, loras) in zip(Ws, parts):
-        dst = W[row:row + w.shape[0]]
-        row += w.shape[0]
-        if not loras:
-            dst.copy_(w)
-            continue
-        A = torch.cat([a.detach().to(dtype) for a, _, _ in loras], 0)  # [r, in]
-        B = torch.cat([b.detach().to(dtype) * s for _, b, s in loras], 1)  # [out, r], scaling folded in
-        dst.copy_(torch.addmm(w, B, A))  # one module at a time: a small buffer, reused
-    bs = [p[1] for p in parts]
-    b = None
-    if any(bb is not None for bb in bs):
-        b = torch.cat([bb.detach() if bb is not None else w.new_zeros(w.shape[0]) for bb, w in zip(bs, Ws)]).to(out_dtype)
-    return Lin(W, b, None, None)
 
 
 def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None) -> Plan | None:
