@@ -173,7 +173,7 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
 def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
                 graphs: bool = False, bf16: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
-    from c2w.fast.llama import cast_cache
+    from c2w.fast.llama import step_cache
     from c2w.fast.loss import dense_loss, next_token_targets
 
     plain_m, fast_m = _models(base, lora_kw)
@@ -240,7 +240,7 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     n_real = int(att.sum())
     trainable = sum(p.numel() for p in fp)
     flops = n_real * (4 * n_params + 6 * trainable)
-    with cast_cache():  # as write_texts holds it for its steps (only used under CPU autocast)
+    with step_cache():  # as the trainer's write loop holds it for its steps
         stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
                          repeats, peak)
     if graphs:

@@ -5,6 +5,7 @@ Tolerances (fp32 on CPU): loss |diff| <= 1e-5, gradients max |diff| <= 1e-4 x ma
 log-probs |diff| <= 1e-4 nats, greedy token ids identical.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -104,7 +105,7 @@ def test_lm_loss_partial_targets_and_full_ft(tiny):
 
 
 def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(models, tiny):
-    """Inside cast_cache(), under CPU bf16 autocast, frozen weights come cast once: the loss and the
+    """Inside step_cache(), under CPU bf16 autocast, frozen weights come cast once: the loss and the
     LoRA gradients equal autocast's own casts bit for bit; a weight changed in place, even through
     `.data` (as PEFT merges do), is cast again; outside the block nothing is kept."""
     ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
@@ -119,7 +120,7 @@ def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(model
 
     ref, gref = run()  # no cache: autocast casts at every use
     assert llama._LOWP is None
-    with llama.cast_cache():
+    with llama.step_cache():
         got, g = run()
         assert id(q) in llama._LOWP and llama._LOWP[id(q)][2].dtype == torch.bfloat16  # this model's q/k/v, cached
         assert run()[0] == got  # served from the cache
@@ -130,8 +131,52 @@ def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(model
     assert llama._LOWP is None  # forgotten at exit
     assert doubled == run()[0] != ref
     q.data.mul_(0.5)  # as PEFT merges write: through .data, which no counter sees; outside any block
-    with llama.cast_cache():
+    with llama.step_cache():
         assert run()[0] == ref  # a new block casts afresh
+
+
+def _plain_ce(h, W, t, denom, chunk, wt):
+    """linear_ce's forward as the plain ops it replaces: (loss, dh, dW)."""
+    total, dh, dW = 0.0, torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        hc, tc, wc = h[i:i + chunk], t[i:i + chunk], None if wt is None else wt[i:i + chunk]
+        z = (hc @ W.t()).float()
+        lse = torch.logsumexp(z, -1)
+        nll = lse - z.gather(1, tc[:, None]).squeeze(1)
+        total = total + (nll if wc is None else nll * wc).sum()
+        z.sub_(lse[:, None]).exp_()
+        z[torch.arange(len(tc)), tc] -= 1.0
+        g = (z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)).to(h.dtype)
+        dh[i:i + chunk] = g @ W
+        dW.addmm_(g.t().float(), hc.float())
+    return total / denom, dh, dW.to(W.dtype)
+
+
+@pytest.mark.parametrize("case", ["fp32", "autocast-fp32-h", "autocast-bf16-h"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_linear_ce_is_the_plain_ops_bit_for_bit(case, cached):
+    """The loss's ops, written into kept scratch buffers inside step_cache(), give the plain ops'
+    loss and gradients bit for bit: fp32, and under CPU bf16 autocast with fp32 or bf16 hidden
+    states; weighted, in uneven chunks, for h and a trainable W; a second call (reusing the buffers,
+    and a smaller last chunk) too; nothing is kept after the block."""
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 23, 16, 300
+    h0 = torch.randn(N, d, generator=g).to(torch.bfloat16 if case == "autocast-bf16-h" else torch.float32)
+    W0 = torch.randn(V, d, generator=g) * 0.3
+    t, wt = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "fp32")
+    with amp:
+        ref = [_plain_ce(h0, W0, t, 7.0, 10, w) for w in (wt, None)]
+    with llama.step_cache() if cached else contextlib.nullcontext():
+        for (loss_ref, dh_ref, dW_ref), w in zip(ref, (wt, None)):
+            h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+            with amp:
+                loss = llama.linear_ce(h, llama.Lin(W, None, None, None), t, 7.0, chunk=10, weight=w)
+            loss.backward()
+            assert torch.equal(loss.detach(), loss_ref)
+            assert torch.equal(h.grad, dh_ref) and torch.equal(W.grad, dW_ref)
+        assert (llama._SCRATCH is not None and set(llama._SCRATCH) == {"z", "t"}) == cached
+    assert llama._SCRATCH is None
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -33,7 +33,10 @@ class Lin:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x if x.dtype == self.W.dtype else x.to(self.W.dtype), self.W, self.b)
         if self.A is not None:
-            y = torch.addmm(y, x @ self.A.t(), self.B.t())
+            # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
+            # so the casts it would make (to y's dtype) are spelled out
+            xa = x @ self.A.t()
+            y = y.addmm_(xa.to(y.dtype), self.B.t().to(y.dtype))
         return y
 
 
@@ -121,30 +124,48 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
     return base.weight, base.bias, loras
 
 
-# Frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
-# weight at every use (about 10% of a bf16 write step). Only inside `cast_cache()`, which a write loop
-# holds for its steps and which forgets everything at exit: frozen weights cannot change inside one
-# write loop, while outside it they may (PEFT merges write through `.data`, which no version counter
-# sees). Entries are keyed by the first weight's id and checked against a weak reference to every
-# weight of the group, their versions and storage.
+# What a write loop keeps across its steps, only inside `step_cache()`, which the loop holds and which
+# forgets everything at exit:
+# - frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
+#   weight at every use (about 10% of a bf16 write step). Frozen weights cannot change inside one
+#   write loop, while outside it they may (PEFT merges write through `.data`, which no version counter
+#   sees). Entries are keyed by the first weight's id and checked against a weak reference to every
+#   weight of the group, their versions and storage;
+# - the loss's [N, V] scratch on the CPU (`_scratch`). A fresh 100 MB tensor costs its page faults at
+#   every step (about 0.1 s each on the dev machine), memory already touched does not.
 _LOWP: dict[int, tuple] | None = None  # id(first weight) -> (check, cast tensor); None: no cache
-_LOWP_USERS = 0  # open cast_cache() blocks (write loops are generators: they may interleave)
+_SCRATCH: dict[str, torch.Tensor] | None = None  # slot -> bytes
+_USERS = 0  # open step_cache() blocks (write loops are generators: they may interleave)
 
 
 @contextlib.contextmanager
-def cast_cache():
-    """Keep the CPU-autocast casts of frozen weights while any such block is open; forget them when
-    the last one closes."""
-    global _LOWP, _LOWP_USERS
-    if _LOWP_USERS == 0:
-        _LOWP = {}
-    _LOWP_USERS += 1
+def step_cache():
+    """Keep the CPU-autocast casts of frozen weights and the loss's CPU scratch while any such block
+    is open; forget them when the last one closes."""
+    global _LOWP, _SCRATCH, _USERS
+    if _USERS == 0:
+        _LOWP, _SCRATCH = {}, {}
+    _USERS += 1
     try:
         yield
     finally:
-        _LOWP_USERS -= 1
-        if _LOWP_USERS == 0:
-            _LOWP = None
+        _USERS -= 1
+        if _USERS == 0:
+            _LOWP = _SCRATCH = None
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor, inside `step_cache()` on the CPU a view of the slot's kept bytes (grown
+    when too small). Callers must not let it escape: the next call with the slot overwrites it."""
+    if _SCRATCH is None or torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    buf = _SCRATCH.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[slot] = torch.empty(n, dtype=torch.uint8, device=device)
+    return buf[:n].view(dtype).view(shape)
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
@@ -154,7 +175,7 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
 
 
 def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
-    """The concatenated weights; under CPU autocast inside `cast_cache()`, frozen ones come cast once."""
+    """The concatenated weights; under CPU autocast inside `step_cache()`, frozen ones come cast once."""
     low = _cpu_autocast_dtype()
     if (_LOWP is None or low is None or low == Ws[0].dtype or any(w.requires_grad for w in Ws)
             or Ws[0].device.type != "cpu" or torch.is_inference_mode_enabled()):
@@ -274,6 +295,8 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # under autocast x is bf16 and cos fp32: cast x once here, not in each multiply (and their gradients)
+    x = x.to(torch.promote_types(x.dtype, cos.dtype))
     h = x.shape[-1] // 2
     rot = torch.cat((-x[..., h:], x[..., :h]), -1)
     return x * cos + rot * sin
@@ -456,7 +479,12 @@ def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
 
 class _LinearCE(torch.autograd.Function):
     """sum_i -log softmax(h_i W^T)[t_i] / denom, chunked over rows; the gradient is formed in the
-    forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept."""
+    forward, chunk by chunk, so the [N, V] logits never exist at once and are never kept.
+
+    The ops are those of `(h @ W.t()).float()`, `torch.logsumexp` and the cast of the gradient to
+    h's dtype, bit for bit (under CPU autocast too), written into two `_scratch` slots: "z", the fp32
+    logits then probabilities, and "t", which holds in turn the low-precision logits, logsumexp's
+    exp(z - max) and the gradient in the matmul's dtype."""
 
     @staticmethod
     def forward(ctx, h, W, t, denom, chunk: int, wt=None):
@@ -464,21 +492,35 @@ class _LinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dW = torch.zeros_like(W, dtype=torch.float32) if need_w else None
-        for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i:i + chunk], t[i:i + chunk]
-            z = (hc @ W.t()).float()
-            lse = torch.logsumexp(z, -1)
-            nll = lse - z.gather(1, tc[:, None]).squeeze(1)
-            wc = None if wt is None else wt[i:i + chunk]
-            total += (nll if wc is None else nll * wc).sum()
-            if need_h or need_w:
-                z.sub_(lse[:, None]).exp_()
-                z[torch.arange(len(tc), device=z.device), tc] -= 1.0
-                g = (z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)).to(h.dtype)
-                if need_h:
-                    dh[i:i + chunk] = g @ W
-                if need_w:
-                    dW.addmm_(g.t().float(), hc.float())
+        low = _cpu_autocast_dtype() if h.device.type == "cpu" else None
+        if low is None and torch.is_autocast_enabled(h.device.type):
+            low = torch.get_autocast_dtype(h.device.type)
+        mm = low or torch.promote_types(h.dtype, W.dtype)  # the dtype autocast (or promotion) gives h @ W.t()
+        f32, V = torch.float32, W.shape[0]
+        with torch.autocast(h.device.type, enabled=False):
+            Wm = W.to(mm)
+            for i in range(0, h.shape[0], chunk):
+                hc, tc = h[i:i + chunk], t[i:i + chunk]
+                n = hc.shape[0]
+                zl = torch.mm(hc.to(mm), Wm.t(), out=_scratch("z" if mm == f32 else "t", (n, V), mm, h.device))
+                z = zl if mm == f32 else _scratch("z", (n, V), f32, h.device).copy_(zl)
+                mx = z.amax(-1, keepdim=True)  # torch.logsumexp, step by step
+                mx.masked_fill_(mx.abs() == float("inf"), 0)
+                lse = torch.sub(z, mx, out=_scratch("t", (n, V), f32, h.device)).exp_().sum(-1).log_().add_(mx[:, 0])
+                nll = lse - z.gather(1, tc[:, None]).squeeze(1)
+                wc = None if wt is None else wt[i:i + chunk]
+                total += (nll if wc is None else nll * wc).sum()
+                if need_h or need_w:
+                    z.sub_(lse[:, None]).exp_()
+                    z[torch.arange(len(tc), device=z.device), tc] -= 1.0
+                    g = z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)
+                    if h.dtype != f32:  # what `.to(h.dtype)` gave
+                        g = _scratch("t", (n, V), h.dtype, h.device).copy_(g)
+                    if need_h:  # g in the matmul's dtype, as autocast casts it
+                        gm = g if g.dtype == mm else g.to(mm) if g.dtype != f32 else _scratch("t", (n, V), mm, h.device).copy_(g)
+                        dh[i:i + chunk] = gm @ Wm
+                    if need_w:
+                        dW.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(dh, dW.to(W.dtype) if dW is not None else None)
         return total / denom
 

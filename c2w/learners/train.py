@@ -59,7 +59,7 @@ def write_texts(model, tokenizer, opt: torch.optim.Optimizer, params: list[torch
     used = 0
     marks = sorted(marks) if marks is not None else [token_budget * k / (progress_points + 1)
                                                        for k in range(1, progress_points + 1)]
-    with llama.cast_cache() if cpu_bf16 else contextlib.nullcontext():  # frozen weights cast once per loop
+    with llama.step_cache():  # kept across this loop's steps: frozen weights' casts, the loss's scratch
         while used < token_budget:
             t0 = time.perf_counter()
             loss, n = torch.zeros((), device=dev), 0
