@@ -492,12 +492,11 @@ class _LinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dW = torch.zeros_like(W, dtype=torch.float32) if need_w else None
-        low = _cpu_autocast_dtype() if h.device.type == "cpu" else None
-        if low is None and torch.is_autocast_enabled(h.device.type):
-            low = torch.get_autocast_dtype(h.device.type)
-        mm = low or torch.promote_types(h.dtype, W.dtype)  # the dtype autocast (or promotion) gives h @ W.t()
+        dev = h.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        mm = amp or torch.promote_types(h.dtype, W.dtype)  # the dtype autocast (or promotion) gives h @ W.t()
         f32, V = torch.float32, W.shape[0]
-        with torch.autocast(h.device.type, enabled=False):
+        with torch.autocast(dev, enabled=False):
             Wm = W.to(mm)
             for i in range(0, h.shape[0], chunk):
                 hc, tc = h[i:i + chunk], t[i:i + chunk]
@@ -516,8 +515,10 @@ class _LinearCE(torch.autograd.Function):
                     g = z.div_(denom) if wc is None else z.mul_(wc[:, None] / denom)
                     if h.dtype != f32:  # what `.to(h.dtype)` gave
                         g = _scratch("t", (n, V), h.dtype, h.device).copy_(g)
-                    if need_h:  # g in the matmul's dtype, as autocast casts it
-                        gm = g if g.dtype == mm else g.to(mm) if g.dtype != f32 else _scratch("t", (n, V), mm, h.device).copy_(g)
+                    if need_h:
+                        gm = g
+                        if g.dtype != mm:  # as autocast casts it; into "t" unless g already lives there
+                            gm = _scratch("t", (n, V), mm, h.device).copy_(g) if g.dtype == f32 else g.to(mm)
                         dh[i:i + chunk] = gm @ Wm
                     if need_w:
                         dW.addmm_(g.t().float(), hc.float())
