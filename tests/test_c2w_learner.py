@@ -130,7 +130,31 @@ def test_c2w_writes_and_sleeps_under_bf16_autocast(tiny, monkeypatch):
     assert wake > 0 and len(calls) > wake  # the online write and the sleep's replay both ran in bf16
     assert learner.cost.trained_tokens == 80 and learner.sleeps == 1
     assert all(p.dtype == torch.float32 for p in learner.bank.fast_params())
-    assert llama._LOWP is None  # the cast cache lives only while a write loop runs
+    assert llama._LOWP is None and llama._SCRATCH is None  # step_cache lives only while a write loop runs
+
+
+def test_fp32_writes_reuse_the_loss_scratch_across_steps(tiny, monkeypatch):
+    """The write loop holds step_cache() in fp32 too: the loss's [N, V] buffers are kept between
+    steps (the same bytes come back at the next step), and nothing is kept after the loop."""
+    from c2w.fast import llama
+
+    seen = []  # (kept?, address) of every scratch buffer handed out
+    real = llama._scratch
+
+    def spy(*a):
+        buf = real(*a)
+        seen.append((llama._SCRATCH is not None, buf.data_ptr()))
+        return buf
+
+    monkeypatch.setattr(llama, "_scratch", spy)
+    cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, rehearsal=False, router_calibration=6))
+    learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
+    learner.end_episode(0)  # the sleep's replay: a write loop of several steps
+    kept = [ptr for on, ptr in seen if on]
+    assert learner.cost.train_steps >= 2 and len(kept) >= 2 * learner.cost.train_steps
+    assert len(set(kept)) < len(kept)  # the same buffers again
+    assert llama._SCRATCH is None
 
 
 def test_gate_spends_budget_in_proportion_to_what_it_writes(tiny):
