@@ -132,8 +132,9 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
 #   sees). Entries are keyed by the first weight's id and checked against a weak reference to every
 #   weight of the group, their versions and storage;
 # - the loss's [N, V] scratch on the CPU (`_scratch`, two slots of at most one chunk each: 128 MB
-#   apiece in fp32). A fresh 100 MB tensor costs its page faults at every step, memory already touched
-#   does not: in a bf16 write step at 8 x 64 on the dev machine, 1.26 s -> 1.16 s (BENCHMARKS.md).
+#   apiece in fp32). A fresh 100 MB tensor costs its page faults, memory already touched does not:
+#   about 6% of a bf16 write step at 8 x 64 on the dev machine (BENCHMARKS.md, session 18); fp32
+#   steps showed no measurable change.
 _LOWP: dict[int, tuple] | None = None  # id(first weight) -> (check, cast tensor); None: no cache
 _SCRATCH: dict[str, torch.Tensor] | None = None  # slot -> bytes
 _USERS = 0  # open step_cache() blocks (write loops are generators: they may interleave)
