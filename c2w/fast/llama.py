@@ -15,6 +15,7 @@ mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -161,9 +162,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> t
     when too small). Callers must not let it escape: the next call with the slot overwrites it."""
     if _SCRATCH is None or torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
+    n = math.prod(shape) * dtype.itemsize
     buf = _SCRATCH.get(slot)
     if buf is None or buf.numel() < n:
         buf = _SCRATCH[slot] = torch.empty(n, dtype=torch.uint8, device=device)
@@ -266,20 +265,20 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
         raise Unsupported("embedding adapter")
     dtype = core.embed_tokens.weight.dtype
     low = cast if cast not in (None, dtype) else None
+    lowc = (lambda t: t) if low is None else (lambda t: t.detach().to(low))  # a norm's weight, cast or not
     layers = []
     for blk in core.layers:
         a, f = blk.self_attn, blk.mlp
         if type(a).__name__ != "LlamaAttention" or type(f).__name__ != "LlamaMLP":
             raise Unsupported("layer type")
-        ln1, ln2 = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
         fuse = lambda mods: _fuse(mods, dtype, fold, low)  # noqa: E731
-        layers.append(Layer(ln1 if low is None else ln1.detach().to(low), fuse([a.q_proj, a.k_proj, a.v_proj]),
-                            fuse([a.o_proj]), ln2 if low is None else ln2.detach().to(low),
+        layers.append(Layer(lowc(blk.input_layernorm.weight), fuse([a.q_proj, a.k_proj, a.v_proj]),
+                            fuse([a.o_proj]), lowc(blk.post_attention_layernorm.weight),
                             fuse([f.gate_proj, f.up_proj]), fuse([f.down_proj])))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     W = core.embed_tokens.weight
     head = _fuse([m.lm_head], dtype, fold)
-    norm = core.norm.weight if low is None else core.norm.weight.detach().to(low)
+    norm = lowc(core.norm.weight)
     head_lp = None if low is None or head.b is not None else head.W.detach().to(low)
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
                 cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
