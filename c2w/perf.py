@@ -171,7 +171,7 @@ def _texts(tokenizer, rng: random.Random, lo: int, hi: int, n: int) -> list[str]
 
 
 def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: int, var: bool, lora_kw,
-                graphs: bool = False, bf16: bool = False) -> dict:
+                graphs: bool = False, bf16: bool = False, plain_bf16: bool = False) -> dict:
     from c2w.fast import lm_loss, make_optimizer
     from c2w.fast.llama import step_cache
     from c2w.fast.loss import dense_loss, next_token_targets
@@ -194,8 +194,10 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     ids, att = ids.to(dev), att.to(dev)
     labels = ids.masked_fill(att == 0, -100)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
-    # --bf16-writes on the CPU: c2w's step as the trainer runs it with LearnerConfig.bf16_writes; plain stays fp32
+    # --bf16-writes on the CPU: c2w's step as the trainer runs it with LearnerConfig.bf16_writes;
+    # --plain-bf16: the plain loop under the same autocast (like for like), else it stays fp32
     c2w_amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else amp
+    amp = _plain_amp(dev, plain_bf16) or amp
 
     def plain():
         with amp:
@@ -257,8 +259,13 @@ class _null:
         return False
 
 
+def _plain_amp(dev: torch.device, plain_bf16: bool):
+    """--plain-bf16 (CPU): the context the plain side runs under, bf16 autocast; else None."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if plain_bf16 and dev.type == "cpu" else None
+
+
 def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw,
-                  dtype: torch.dtype | None = None) -> dict:
+                  dtype: torch.dtype | None = None, plain_bf16: bool = False) -> dict:
     from c2w.fast import decode
 
     plain_m, fast_m = _models(base, lora_kw)
@@ -278,8 +285,9 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
     res = {}
 
     def plain():
-        res["plain"] = (decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=32, fast=False),
-                        decode.answer_logprobs(plain_m, tok, prompts, answers, batch_size=32, fast=False))
+        with _plain_amp(dev, plain_bf16) or _null():
+            res["plain"] = (decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=32, fast=False),
+                            decode.answer_logprobs(plain_m, tok, prompts, answers, batch_size=32, fast=False))
 
     def fast():
         res["c2w"] = decode.decode_and_logprobs(fast_m, tok, prompts, answers, mx, batch_size=32, dtype=dtype)
@@ -294,7 +302,8 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
                    greedy_rows_identical=sum(a == b for a, b in zip(gp, gc)) / n, greedy_tokens_identical=same)
 
 
-def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, peak, n_params: int, lora_kw) -> dict:
+def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, peak, n_params: int, lora_kw,
+                 plain_bf16: bool = False) -> dict:
     from c2w.fast import decode
 
     plain_m, fast_m = _models(base, lora_kw)
@@ -307,7 +316,8 @@ def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, pea
         res = {}
 
         def plain():
-            res["plain"] = decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=B, fast=False)
+            with _plain_amp(dev, plain_bf16) or _null():
+                res["plain"] = decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=B, fast=False)
 
         def fast():
             res["c2w"] = decode.greedy_decode(fast_m, tok, prompts, mx, batch_size=B)
@@ -345,7 +355,8 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
              real_weights: bool = False, compile: bool = False, shape: str = "smollm2",
              workloads: tuple[str, ...] | list[str] = WORKLOADS, scoring_prompts: int = 32, decode_tokens: int = 32,
              decode_batches: tuple[int, ...] = (1, 32), threads: int | None = None, log=None,
-             tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False, bf16_scoring: bool = False) -> dict:
+             tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False, bf16_scoring: bool = False,
+             plain_bf16: bool = False) -> dict:
     """Run the workloads; returns {workload: {plain, c2w (tokens/s), ratio, detail, ...}, 'setup': ...}.
     `tokenizer`: reuse one already loaded (random-init shapes only)."""
     from c2w.backbone import default_dtype, resolve_device
@@ -374,6 +385,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                                 threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
                                 cuda_graphs=decode.CUDA_GRAPHS, bf16_writes=bool(bf16_writes) and dev.type == "cpu",
                                 bf16_scoring=bool(bf16_scoring) and dev.type == "cpu",
+                                plain_bf16=bool(plain_bf16) and dev.type == "cpu",
                                 matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
     try:
         for w in workloads:
@@ -381,12 +393,13 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
             say(f"perf: {w} ...")
             if w in ("write", "write_var"):
                 out[w] = bench_write(model, tok, dev, B, L, repeats, peak, n_params, w == "write_var", lora_kw,
-                                     graphs=decode.CUDA_GRAPHS, bf16=bf16_writes)
+                                     graphs=decode.CUDA_GRAPHS, bf16=bf16_writes, plain_bf16=plain_bf16)
             elif w in ("scoring", "scoring_chat"):
                 out[w] = bench_scoring(model, tok, dev, scoring_prompts, repeats, peak, n_params, w == "scoring_chat", lora_kw,
-                                       torch.bfloat16 if bf16_scoring and dev.type == "cpu" else None)
+                                       torch.bfloat16 if bf16_scoring and dev.type == "cpu" else None, plain_bf16)
             elif w == "decode":
-                out[w] = bench_decode(model, tok, dev, list(decode_batches), decode_tokens, repeats, peak, n_params, lora_kw)
+                out[w] = bench_decode(model, tok, dev, list(decode_batches), decode_tokens, repeats, peak, n_params, lora_kw,
+                                      plain_bf16)
             else:
                 raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
             out[w]["wall_s"] = time.perf_counter() - t
@@ -413,8 +426,10 @@ def format_table(res: dict) -> str:
     lines = [f"c2w perf on {s['device_name']} ({s['device']}, {s['dtype']}, {s['threads']} threads), {s['model']}, "
              f"LoRA r={s['lora']['r']} all-linear; medians of {s['repeats']}; MFU against the square GEMM "
              f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)"
-             + ("; c2w's write steps under bf16 autocast (--bf16-writes), plain in fp32" if s.get("bf16_writes") else "")
-             + ("; c2w's scoring blocks in bf16 (--bf16-scoring), plain in fp32" if s.get("bf16_scoring") else ""),
+             + ("; c2w's write steps under bf16 autocast (--bf16-writes)" if s.get("bf16_writes") else "")
+             + ("; c2w's scoring blocks in bf16 (--bf16-scoring)" if s.get("bf16_scoring") else "")
+             + ("; plain under bf16 autocast (--plain-bf16)" if s.get("plain_bf16")
+                else "; plain in fp32" if s.get("bf16_writes") or s.get("bf16_scoring") else ""),
              f"{'workload':<16}{'path':<7}{'tokens/s':>11}{'ms/step':>11}{'MFU':>8}{'peak MB':>10}{'c2w/plain':>11}"
              "  (range over rounds)"]
     for w, r in res.items():
@@ -441,7 +456,8 @@ def cmd_perf(ns) -> int:
 
     res = run_perf(device=ns.device, batch=ns.batch, seq=ns.seq, repeats=ns.repeats, real_weights=ns.real_weights,
                    compile=ns.compile, shape=ns.shape, threads=ns.threads,
-                   cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, bf16_scoring=ns.bf16_scoring, workloads=[w for w in ns.workloads.split(",") if w],
+                   cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, bf16_scoring=ns.bf16_scoring,
+                   plain_bf16=ns.plain_bf16, workloads=[w for w in ns.workloads.split(",") if w],
                    log=None if ns.json else (lambda m: print(m, file=sys.stderr)))
     print(json.dumps(res, indent=1) if ns.json else format_table(res))
     return 0

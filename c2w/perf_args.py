@@ -19,6 +19,9 @@ def add_perf_parser(subparsers):
                    help="CPU: c2w's write steps under bf16 autocast, as the learners run them with --bf16-writes (plain stays fp32)")
     p.add_argument("--bf16-scoring", action="store_true",
                    help="CPU: c2w's scoring runs its blocks in bf16 (decode_and_logprobs(dtype=bfloat16); head and plain stay fp32)")
+    p.add_argument("--plain-bf16", action="store_true",
+                   help="CPU: the plain loop under bf16 autocast too (writes, scoring, decoding), to compare like for like "
+                        "with --bf16-writes / --bf16-scoring; without it plain stays fp32, as a user's default loop runs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--shape", default="smollm2", choices=["smollm2", "tiny"], help="model shape")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")

@@ -46,13 +46,25 @@ def test_perf_bf16_scoring_reports_its_agreement(tiny):
     assert "--bf16-scoring" in format_table(res)
 
 
+def test_perf_plain_bf16_runs_the_plain_side_under_autocast(tiny):
+    """--plain-bf16: the plain loop (write and scoring) runs under CPU bf16 autocast, so against c2w's
+    fp32 paths it no longer agrees to fp32 precision."""
+    res = run_perf(shape="tiny", batch=2, seq=12, repeats=1, threads=1, tokenizer=tiny.tokenizer, scoring_prompts=4,
+                   workloads=["write", "scoring"], plain_bf16=True)
+    assert res["setup"]["plain_bf16"] is True
+    w = res["write"]
+    assert 1e-7 < w["loss_abs_diff"] / w["loss_plain"] < 2e-2  # fp32 against fp32 is within 1e-5 (above)
+    assert 1e-5 < res["scoring"]["logprob_max_abs_diff"] <= 0.1
+    assert "--plain-bf16" in format_table(res)
+
+
 def test_perf_parser_flags():
     ap = argparse.ArgumentParser()
     add_perf_parser(ap.add_subparsers(dest="command"))
     ns = ap.parse_args(["perf", "--device", "cpu", "--json", "--batch", "4", "--seq", "32", "--repeats", "2",
-                        "--real-weights", "--compile", "--bf16-writes", "--bf16-scoring"])
+                        "--real-weights", "--compile", "--bf16-writes", "--bf16-scoring", "--plain-bf16"])
     assert (ns.device, ns.json, ns.batch, ns.seq, ns.repeats, ns.real_weights, ns.compile, ns.bf16_writes,
-            ns.bf16_scoring) == ("cpu", True, 4, 32, 2, True, True, True, True)
+            ns.bf16_scoring, ns.plain_bf16) == ("cpu", True, 4, 32, 2, True, True, True, True, True)
     assert callable(ns.func)
 
 
