@@ -31,7 +31,7 @@ class LearnerConfig:
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
     progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
     # Off by default: every setting of the benchmark was chosen with fp32 writes (BENCHMARKS.md, session 15).
-    bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer; the frozen weights are cast once and kept, half their fp32 size); faster where the CPU has AVX512-BF16 or AMX, slower where it has neither. CUDA loads the backbone in bf16 anyway"})
+    bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer; the frozen weights are cast once and kept, half their fp32 size); faster where the CPU has AVX512-BF16 or AMX, slower where it has neither. c2w's sleep stays fp32 unless C2WConfig.bf16_sleep: bf16 there cost accuracy (BENCHMARKS.md, session 19). CUDA loads the backbone in bf16 anyway"})
     seed: int = 0
 
 
@@ -64,6 +64,9 @@ class C2WConfig:
     # episode) ACC 0.148 against 0.102 at 0, no-gate 0.146, at 0.56x no-gate's write FLOPs; 0.5 gave
     # 0.125. Normal streams, where the gate writes >= 0.5 of every episode, are untouched (BENCHMARKS.md).
     min_budget_share: float = field(default=0.45, metadata={"help": "an episode in which the gate writes anything spends at least this share of token_budget (0: the budget follows the share written alone); the few records kept from a mostly-rejected episode still get enough optimizer steps"})
+    # Off: with bf16 everywhere c2w's ACC fell from 0.351 to 0.257 on validation seeds 1000-1005; with
+    # bf16 in the online writes only (sleep fp32) it was 0.359 (BENCHMARKS.md, session 19).
+    bf16_sleep: bool = field(default=False, metadata={"help": "with bf16 writes (LearnerConfig.bf16_writes), run sleep's replay under bf16 autocast too (off: only the online writes are bf16; sleep stays fp32)"})
     wake_share: float = field(default=0.3, metadata={"help": "share of the episode budget for online writes; the rest is sleep"})
     # Off: on the validation seed it looked better (control 0.17 vs 0.08, one control), but on the
     # 3-seed ablation of the revised c2w, dropping it lowered forgetting (0.044 vs 0.221) at equal
@@ -197,7 +200,7 @@ class BenchConfig:
     lr: float | None = field(default=None, metadata={"help": "one learning rate for all methods (skips the per-method defaults and grid)"})
     lr_search: bool | None = field(default=None, metadata={"help": "pick each method's lr from a grid on the validation seed"})
     progress_points: int | None = field(default=None, metadata={"help": "learning-speed probes inside each episode (at equal shares of its trained tokens; c2w: sleep included)"})
-    bf16_writes: bool = field(default=False, metadata={"help": "CPU: every weight-writing method's steps under bf16 autocast (LearnerConfig.bf16_writes)"})
+    bf16_writes: bool = field(default=False, metadata={"help": "CPU: every weight-writing method's online write steps under bf16 autocast (LearnerConfig.bf16_writes); c2w's sleep stays fp32 (C2WConfig.bf16_sleep)"})
     validation_seed: int = field(default=FIRST_VALIDATION_SEED, metadata={"help": "seed used only to choose hyperparameters, never reported"})
 
     def resolved(self) -> "BenchConfig":

@@ -116,18 +116,20 @@ def test_every_ablation_runs_within_budget(tiny, method):
     assert learner.cost.trained_tokens > 0
 
 
-def test_c2w_writes_and_sleeps_under_bf16_autocast(tiny, monkeypatch):
+@pytest.mark.parametrize("bf16_sleep", [False, True])
+def test_c2w_writes_under_bf16_autocast_and_sleeps_in_fp32_unless_asked(tiny, monkeypatch, bf16_sleep):
     from c2w.fast import llama
 
-    calls = []
+    calls = []  # the lean attention's bf16 path: it runs only under bf16 autocast
     real = llama.attend_math
     monkeypatch.setattr(llama, "attend_math", lambda *a: calls.append(1) or real(*a))
     cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, seed=0, bf16_writes=True)
-    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6))
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6, bf16_sleep=bf16_sleep))
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     wake = len(calls)
     learner.end_episode(0)
-    assert wake > 0 and len(calls) > wake  # the online write and the sleep's replay both ran in bf16
+    assert wake > 0  # the online write ran in bf16
+    assert (len(calls) > wake) == bf16_sleep  # the sleep's replay only when asked
     assert learner.cost.trained_tokens == 80 and learner.sleeps == 1
     assert all(p.dtype == torch.float32 for p in learner.bank.fast_params())
     assert llama._LOWP is None and llama._SCRATCH is None  # step_cache lives only while a write loop runs

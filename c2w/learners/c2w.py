@@ -223,7 +223,8 @@ class C2WLearner(Learner):
         if budget > 0 and (self.c2w.replay or self.rehearsal is not None):
             yield from write_texts(self.bank.model, self.tokenizer, self.opt, self.params, replay_batch, budget,
                                    self.cfg.max_len, self.cost, self.flops_per_token, extra_loss=self._rehearse,
-                                   part="sleep", marks=marks, bf16=self.cfg.bf16_writes)
+                                   part="sleep", marks=marks,
+                                   bf16=self.cfg.bf16_writes and self.c2w.bf16_sleep)
         self.bank.consolidate()
         self._new_optimizer()
         self.sleeps += 1
