@@ -16,9 +16,9 @@ def add_perf_parser(subparsers):
     p.add_argument("--compile", action="store_true", help="torch.compile the c2w layer stack (compile time included in warm-up)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay c2w's write step and greedy steps from CUDA graphs (CUDA only)")
     p.add_argument("--bf16-writes", action="store_true",
-                   help="CPU: c2w's write steps under bf16 autocast, as the learners run them with --bf16-writes (plain stays fp32)")
+                   help="CPU: c2w's write steps under bf16 autocast, as the learners run them with --bf16-writes (plain stays fp32 unless --plain-bf16)")
     p.add_argument("--bf16-scoring", action="store_true",
-                   help="CPU: c2w's scoring runs its blocks in bf16 (decode_and_logprobs(dtype=bfloat16); head and plain stay fp32)")
+                   help="CPU: c2w's scoring runs its blocks in bf16 (decode_and_logprobs(dtype=bfloat16); the head stays fp32, plain too unless --plain-bf16)")
     p.add_argument("--plain-bf16", action="store_true",
                    help="CPU: the plain loop under bf16 autocast too (writes, scoring, decoding), to compare like for like "
                         "with --bf16-writes / --bf16-scoring; without it plain stays fp32, as a user's default loop runs")
