@@ -26,6 +26,7 @@ same process (the fraction of what this machine's GEMM reaches right now, not of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import json
@@ -193,11 +194,11 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
         ids = ids.masked_fill(att == 0, tok.pad_token_id)
     ids, att = ids.to(dev), att.to(dev)
     labels = ids.masked_fill(att == 0, -100)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     # --bf16-writes on the CPU: c2w's step as the trainer runs it with LearnerConfig.bf16_writes;
     # --plain-bf16: the plain loop under the same autocast (like for like), else it stays fp32
     c2w_amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and dev.type == "cpu" else amp
-    amp = _plain_amp(dev, plain_bf16) or amp
+    amp = _plain_amp(dev, plain_bf16, amp)
 
     def plain():
         with amp:
@@ -251,17 +252,12 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
                    loss_abs_diff=abs(l_plain - l_fast), grad_max_rel_diff=gdiff, cuda_graph=graphs, **extra)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _plain_amp(dev: torch.device, plain_bf16: bool):
-    """--plain-bf16 (CPU): the context the plain side runs under, bf16 autocast; else None."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if plain_bf16 and dev.type == "cpu" else None
+def _plain_amp(dev: torch.device, plain_bf16: bool, otherwise=None):
+    """The context the plain side runs under: with --plain-bf16 on the CPU, bf16 autocast; else
+    `otherwise` (default: none)."""
+    if plain_bf16 and dev.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return otherwise if otherwise is not None else contextlib.nullcontext()
 
 
 def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw,
@@ -285,7 +281,7 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
     res = {}
 
     def plain():
-        with _plain_amp(dev, plain_bf16) or _null():
+        with _plain_amp(dev, plain_bf16):
             res["plain"] = (decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=32, fast=False),
                             decode.answer_logprobs(plain_m, tok, prompts, answers, batch_size=32, fast=False))
 
@@ -316,7 +312,7 @@ def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, pea
         res = {}
 
         def plain():
-            with _plain_amp(dev, plain_bf16) or _null():
+            with _plain_amp(dev, plain_bf16):
                 res["plain"] = decode.greedy_decode(plain_m, tok, prompts, mx, batch_size=B, fast=False)
 
         def fast():
