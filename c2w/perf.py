@@ -21,7 +21,9 @@ identical greedy tokens), peak memory (CUDA: allocator peak; CPU: peak RSS growt
 sampled every 2 ms after malloc_trim), and MFU: the task's model FLOPs (write: 4 x params + 6 x LoRA
 params per real token; inference: 2 x params per prompt, answer and generated token, counted once,
 the same numerator for both paths) over the time, against the square-GEMM throughput measured in the
-same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number).
+same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number),
+in the dtype the path's matmuls run in (on the CPU, a path under bf16 autocast or with bf16 weights
+is held against the bf16 GEMM, which runs about twice as fast here as fp32's).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 
 from c2w.evaluation.memory import PeakMemory
 from c2w.perf_args import WORKLOADS, add_perf_parser  # noqa: F401  (re-exported)
+from c2w.perf_profile import format_profile, profile_step
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3)
@@ -107,40 +110,52 @@ class Side:
     flops: float  # model FLOPs per step
     times: list
     peak: int = 0
+    bf16: bool = False  # CPU: its matmuls run in bf16 (autocast, bf16 weights): MFU against the bf16 GEMM
 
 
 def _compare(dev, sides: list[Side], repeats: int, probe) -> dict:
     """Warm-up (with peak memory), then `repeats` rounds of plain / c2w, each round preceded by a GEMM
-    probe; MFU is against the median probe."""
+    probe (`probe(bf16)`: the model's dtype, or bf16 where a side runs in it); MFU is against the
+    median probe of the side's own dtype."""
     for s in sides:  # warm-up, with peak memory
         with PeakMem(dev) as pm:
             s.fn()
             _sync(dev)
         s.peak = pm.peak_bytes
-    rates = []
+    kinds = sorted({s.bf16 for s in sides})
+    rates: dict[bool, list[float]] = {k: [] for k in kinds}
     for _ in range(repeats):
-        rates.append(probe())
+        for k in kinds:
+            rates[k].append(probe(k))
         for s in sides:
             _sync(dev)
             t = time.perf_counter()
             s.fn()
             _sync(dev)
             s.times.append(time.perf_counter() - t)
-    peak_flops = statistics.median(rates)
-    out = {"gemm_gflops": peak_flops / 1e9}
+    peak = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"gemm_gflops": peak[kinds[0]] / 1e9}
+    if True in peak:
+        out["gemm_bf16_gflops"] = peak[True] / 1e9
     for s in sides:
         med = statistics.median(s.times)
-        out[s.name] = dict(tokens=s.tokens, tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak_flops,
+        out[s.name] = dict(tokens=s.tokens, tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak[s.bf16],
                            peak_mem_mb=s.peak / 2 ** 20, times_s=[round(t, 4) for t in s.times])
+        if PROFILE_STEPS:  # after the timed rounds, so the profiler's overhead is not in them
+            out[s.name]["profile"] = profile_step(s.fn, dev, PROFILE_STEPS)
     return out
+
+
+PROFILE_STEPS = 0  # steps profiled per path after the timed rounds (set by `c2w perf --profile`)
 
 
 def _result(stats: dict, **extra) -> dict:
     p, c = stats["plain"], stats["c2w"]
     # each round times plain then c2w back to back: the ratio within a round shares the machine's load
     rounds = [(c["tokens"] / tc) / (p["tokens"] / tp) for tp, tc in zip(p["times_s"], c["times_s"])]
+    gemm = {k: stats.pop(k) for k in ("gemm_gflops", "gemm_bf16_gflops") if k in stats}
     return dict(plain=p["tokens_per_s"], c2w=c["tokens_per_s"], ratio=c["tokens_per_s"] / p["tokens_per_s"],
-                ratio_rounds=[round(r, 3) for r in rounds], gemm_gflops=stats.pop("gemm_gflops"), detail=stats, **extra)
+                ratio_rounds=[round(r, 3) for r in rounds], **gemm, detail=stats, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +259,9 @@ def bench_write(base, tok, dev, B: int, L: int, repeats: int, peak, n_params: in
     trainable = sum(p.numel() for p in fp)
     flops = n_real * (4 * n_params + 6 * trainable)
     with step_cache():  # as the trainer's write loop holds it for its steps
-        stats = _compare(dev, [Side("plain", plain, n_real, flops, []), Side("c2w", fast, n_real, flops, [])],
-                         repeats, peak)
+        cpu = dev.type == "cpu"
+        stats = _compare(dev, [Side("plain", plain, n_real, flops, [], bf16=cpu and plain_bf16),
+                               Side("c2w", fast, n_real, flops, [], bf16=cpu and bf16)], repeats, peak)
     if graphs:
         stats["c2w"]["peak_mem_mb"] = max(stats["c2w"]["peak_mem_mb"], extra["capture_peak_mb"])
     return _result(stats, batch=B, seq=L, real_tokens=n_real, loss_plain=l_plain, loss_c2w=l_fast,
@@ -291,7 +307,9 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
     n_prompt = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
     toks = n_prompt + sum(mx)  # prompt tokens read + tokens decoded (upper bound, EOS may cut)
     flops = 2 * n_params * (toks + sum(n_ans))  # the task's own work: each prompt, answer and new token once
-    stats = _compare(dev, [Side("plain", plain, toks, flops, []), Side("c2w", fast, toks, flops, [])], repeats, peak)
+    cpu = dev.type == "cpu"
+    stats = _compare(dev, [Side("plain", plain, toks, flops, [], bf16=cpu and plain_bf16),
+                           Side("c2w", fast, toks, flops, [], bf16=cpu and dtype == torch.bfloat16)], repeats, peak)
     (gp, lp), (gc, lc) = res["plain"], res["c2w"]
     same = sum(a == b for x, y in zip(gp, gc) for a, b in zip(x, y)) / max(1, sum(len(x) for x in gp))
     return _result(stats, prompts=n, prompt_tokens=n_prompt, logprob_max_abs_diff=max(abs(a - b) for a, b in zip(lp, lc)),
@@ -319,8 +337,8 @@ def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, pea
             res["c2w"] = decode.greedy_decode(fast_m, tok, prompts, mx, batch_size=B)
 
         flops = 2 * n_params * (B * new + sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts))
-        stats = _compare(dev, [Side("plain", plain, B * new, flops, []), Side("c2w", fast, B * new, flops, [])],
-                         repeats, peak)
+        stats = _compare(dev, [Side("plain", plain, B * new, flops, [], bf16=dev.type == "cpu" and plain_bf16),
+                               Side("c2w", fast, B * new, flops, [])], repeats, peak)
         out[str(B)] = _result(stats, batch=B, new_tokens=new,
                               greedy_rows_identical=sum(a == b for a, b in zip(res["plain"], res["c2w"])) / B)
     first = out[str(batches[0])]
@@ -352,11 +370,16 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
              workloads: tuple[str, ...] | list[str] = WORKLOADS, scoring_prompts: int = 32, decode_tokens: int = 32,
              decode_batches: tuple[int, ...] = (1, 32), threads: int | None = None, log=None,
              tokenizer=None, cuda_graphs: bool = False, bf16_writes: bool = False, bf16_scoring: bool = False,
-             plain_bf16: bool = False) -> dict:
+             plain_bf16: bool = False, profile: int = 0) -> dict:
     """Run the workloads; returns {workload: {plain, c2w (tokens/s), ratio, detail, ...}, 'setup': ...}.
-    `tokenizer`: reuse one already loaded (random-init shapes only)."""
+    `tokenizer`: reuse one already loaded (random-init shapes only). `profile`: steps per path run
+    under torch.profiler after the timed rounds (detail[path]['profile'], c2w.perf_profile)."""
+    global PROFILE_STEPS
     from c2w.backbone import default_dtype, resolve_device
     from c2w.fast import decode, llama
+
+    if profile < 0:
+        raise ValueError(f"profile must be 0 (off) or a number of steps, got {profile}")
 
     dev = resolve_device(device)
     dtype = default_dtype(dev)
@@ -372,7 +395,8 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
     L = seq or (128 if dev.type == "cuda" else 64)
     lora_kw = dict(r=16, lora_alpha=32, target_modules="all-linear")
     n_gemm = None if shape == "smollm2" else 256
-    peak = lambda: matmul_peak(dev, dtype, n_gemm, rounds=2)  # noqa: E731  (re-measured every round)
+    # re-measured every round; bf16=True: the bf16 GEMM, for a CPU side whose matmuls run in bf16
+    peak = lambda bf16=False: matmul_peak(dev, torch.bfloat16 if bf16 else dtype, n_gemm, rounds=2)  # noqa: E731
     llama.COMPILE = bool(compile)
     decode.CUDA_GRAPHS = bool(cuda_graphs) and dev.type == "cuda"
     out: dict = dict(setup=dict(device=str(dev), device_name=_device_name(dev), dtype=str(dtype).replace("torch.", ""),
@@ -381,9 +405,12 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                                 threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
                                 cuda_graphs=decode.CUDA_GRAPHS, bf16_writes=bool(bf16_writes) and dev.type == "cpu",
                                 bf16_scoring=bool(bf16_scoring) and dev.type == "cpu",
-                                plain_bf16=bool(plain_bf16) and dev.type == "cpu",
+                                plain_bf16=bool(plain_bf16) and dev.type == "cpu", profile_steps=profile,
                                 matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
+    if dev.type == "cpu" and (bf16_writes or bf16_scoring or plain_bf16):
+        out["setup"]["matmul_peak_bf16_gflops"] = matmul_peak(dev, torch.bfloat16, n_gemm) / 1e9
     try:
+        PROFILE_STEPS = profile
         for w in workloads:
             t = time.perf_counter()
             say(f"perf: {w} ...")
@@ -402,6 +429,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
     finally:
         llama.COMPILE = False
         decode.CUDA_GRAPHS = False
+        PROFILE_STEPS = 0
         torch.set_num_threads(threads_before)
     return out
 
@@ -421,7 +449,9 @@ def format_table(res: dict) -> str:
     s = res["setup"]
     lines = [f"c2w perf on {s['device_name']} ({s['device']}, {s['dtype']}, {s['threads']} threads), {s['model']}, "
              f"LoRA r={s['lora']['r']} all-linear; medians of {s['repeats']}; MFU against the square GEMM "
-             f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s)"
+             f"measured in each round (at start: {s['matmul_peak_gflops']:.0f} GFLOP/s"
+             + (f"; bf16 {s['matmul_peak_bf16_gflops']:.0f}, for the paths that run in bf16" if "matmul_peak_bf16_gflops" in s else "")
+             + ")"
              + ("; c2w's write steps under bf16 autocast (--bf16-writes)" if s.get("bf16_writes") else "")
              + ("; c2w's scoring blocks in bf16 (--bf16-scoring)" if s.get("bf16_scoring") else "")
              + ("; plain under bf16 autocast (--plain-bf16)" if s.get("plain_bf16")
@@ -444,6 +474,12 @@ def format_table(res: dict) -> str:
         agree = {k: v for k, v in r.items() if "diff" in k or "identical" in k}
         if agree:
             lines.append(" " * 16 + "agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
+        for tag, rr in rows:
+            for path in ("plain", "c2w"):
+                if "profile" in rr["detail"][path]:
+                    head, *rest = format_profile(rr["detail"][path]["profile"])
+                    lines.append(f"{'':<16}profile {w}{' b' + tag if tag else ''} {path}: {head}")
+                    lines += [" " * 18 + x for x in rest]
     return "\n".join(lines)
 
 
@@ -453,7 +489,7 @@ def cmd_perf(ns) -> int:
     res = run_perf(device=ns.device, batch=ns.batch, seq=ns.seq, repeats=ns.repeats, real_weights=ns.real_weights,
                    compile=ns.compile, shape=ns.shape, threads=ns.threads,
                    cuda_graphs=ns.cuda_graphs, bf16_writes=ns.bf16_writes, bf16_scoring=ns.bf16_scoring,
-                   plain_bf16=ns.plain_bf16, workloads=[w for w in ns.workloads.split(",") if w],
+                   plain_bf16=ns.plain_bf16, profile=ns.profile, workloads=[w for w in ns.workloads.split(",") if w],
                    log=None if ns.json else (lambda m: print(m, file=sys.stderr)))
     print(json.dumps(res, indent=1) if ns.json else format_table(res))
     return 0

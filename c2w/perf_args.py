@@ -22,6 +22,10 @@ def add_perf_parser(subparsers):
     p.add_argument("--plain-bf16", action="store_true",
                    help="CPU: the plain loop under bf16 autocast too (writes, scoring, decoding), to compare like for like "
                         "with --bf16-writes / --bf16-scoring; without it plain stays fp32, as a user's default loop runs")
+    p.add_argument("--profile", type=int, nargs="?", const=2, default=0, metavar="STEPS",
+                   help="after the timed rounds, run STEPS more steps per path (default 2) under torch.profiler and "
+                        "print where the time goes: self time by kind (matmul, attention, softmax/loss, ...) and the "
+                        "largest operators (CPU) or kernels (CUDA, graph replays included); JSON: detail.<path>.profile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--shape", default="smollm2", choices=["smollm2", "tiny"], help="model shape")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")

@@ -16,8 +16,9 @@ timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_fast_graphed.py 2
 modes="eager graph"; [ "${WITH_COMPILE:-0}" = 1 ] && modes="$modes compile"
 for m in $modes; do timeout 240 $py scripts/cold_start.py --mode $m 2>> "$OUT/err.log" | tee -a "$OUT/cold.jsonl"; done
 run perf 240 $py -m c2w.perf --device cuda --json
-run perf_graphs_write 120 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads write,write_var --repeats 5
-run perf_graphs_decode 150 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads scoring,scoring_chat,decode
+# --profile: where the graphed steps' time goes, by kernel (session 11 ran out of time before a profile)
+run perf_graphs_write 150 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads write,write_var --repeats 5 --profile 3
+run perf_graphs_decode 180 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads scoring,scoring_chat,decode --profile 3
 run perf_64x256 150 $py -m c2w.perf --device cuda --json --batch 64 --seq 256 --workloads write,write_var
 run perf_64x256_graphs 120 $py -m c2w.perf --device cuda --json --batch 64 --seq 256 --cuda-graphs --workloads write,write_var
 $py - "$OUT" <<'PY'
@@ -30,6 +31,12 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("perf*.json")):
         for w in ("write", "write_var"):
             if r.get(w, {}).get("cuda_graph"):
                 print(f"{w}: capture {r[w]['capture_s']:.2f} s, {r[w]['capture_peak_mb']:.0f} MB")
+        from c2w.perf_profile import format_profile
+        for w, rr in r.items():
+            for tag, d in ([("", rr)] if "by_batch" not in rr else rr["by_batch"].items()) if w != "setup" else []:
+                for path, p in d.get("detail", {}).items():
+                    if isinstance(p, dict) and "profile" in p:
+                        print(f"profile {w}{tag} {path}: " + "\n    ".join(format_profile(p["profile"])))
     except Exception as e:  # noqa: BLE001
         print(f"--- {f.name}: unreadable ({e})")
 PY

@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import pytest
 import torch
 
 from c2w.perf import add_perf_parser, format_table, run_perf
@@ -80,3 +81,34 @@ def test_ratio_rounds_pair_each_rounds_plain_and_c2w_times():
     table = format_table({"setup": dict(device_name="x", device="cpu", dtype="float32", threads=1, model="m",
                                          lora=dict(r=16), repeats=3, matmul_peak_gflops=1.0), "write": r})
     assert "2.00x  (2.00-4.00)" in table
+
+
+def test_mfu_of_a_bf16_path_is_against_the_bf16_gemm():
+    """A CPU path whose matmuls run in bf16 is held against the bf16 GEMM's rate, not the fp32 one
+    (which once gave c2w's bf16 write step an MFU of 130%)."""
+    from c2w.perf import Side, _compare
+
+    asked = []
+
+    def probe(bf16=False):
+        asked.append(bf16)
+        return 4e9 if bf16 else 1e9
+
+    sides = [Side("plain", lambda: None, 10, 1e6, []), Side("c2w", lambda: None, 10, 1e6, [], bf16=True)]
+    out = _compare(torch.device("cpu"), sides, 3, probe)
+    assert sorted(asked) == [False] * 3 + [True] * 3
+    assert out["gemm_gflops"] == 1.0 and out["gemm_bf16_gflops"] == 4.0
+    for name, peak in (("plain", 1e9), ("c2w", 4e9)):
+        d = out[name]
+        assert d["mfu"] == pytest.approx(1e6 / (d["ms_per_step"] / 1e3) / peak)
+    only_fp32 = _compare(torch.device("cpu"), [Side("plain", lambda: None, 10, 1e6, [])], 1, probe)
+    assert "gemm_bf16_gflops" not in only_fp32
+
+
+def test_perf_bf16_options_report_the_bf16_gemm(tiny):
+    res = run_perf(shape="tiny", batch=2, seq=12, repeats=1, threads=1, tokenizer=tiny.tokenizer,
+                   workloads=["write"], bf16_writes=True)
+    assert res["setup"]["matmul_peak_bf16_gflops"] > 0 and res["write"]["gemm_bf16_gflops"] > 0
+    assert "bf16" in format_table(res).splitlines()[0]
+    assert "matmul_peak_bf16_gflops" not in run_perf(shape="tiny", batch=2, seq=12, repeats=1, threads=1,
+                                                     tokenizer=tiny.tokenizer, workloads=["write"])["setup"]
