@@ -429,6 +429,7 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
     finally:
         llama.COMPILE = False
         decode.CUDA_GRAPHS = False
+        decode.clear_graphs()
         PROFILE_STEPS = 0
         torch.set_num_threads(threads_before)
     return out

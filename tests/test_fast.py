@@ -405,3 +405,47 @@ def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
     h = torch.randn(64, c.head.W.shape[1]) * 3
     assert torch.equal(llama.next_token(c, h), (h @ c.head.W.t()).argmax(-1))
     assert torch.equal(llama.next_token(c, h.view(8, 8, -1)), (h @ c.head.W.t()).argmax(-1).view(8, 8))
+
+
+def test_reused_graph_steps_decode_like_generate_across_calls(models, tiny, monkeypatch):
+    """`--cuda-graphs`' greedy steps are kept across calls: each call loads its own weights (changed
+    adapters, another model) and prefilled cache into the kept step. Off CUDA the same static step
+    runs eagerly, so this checks all of it but the capture; the model's own weights stay untouched."""
+    tok = tiny.tokenizer
+    m = copy.deepcopy(models["lora"])
+    other = _lora(models["plain"], seed=3)
+    mx = [5, 3, 7, 1, 6, 4, 2, 3]
+    monkeypatch.setattr(D, "CUDA_GRAPHS", True)
+    D.clear_graphs()
+    stats0 = dict(D.GRAPH_STATS)
+    try:
+        for model, change in ((m, False), (m, True), (other, False), (m, False)):
+            if change:  # a write between calls: the kept step must see the new adapter
+                with torch.no_grad():
+                    for n, p in m.named_parameters():
+                        if "lora_B" in n:
+                            p.add_(torch.randn_like(p) * 0.05)
+            snap = {id(x): [p.detach().clone() for p in x.parameters()] for x in (m, other)}
+            ref = greedy_decode(model, tok, PROMPTS, mx, batch_size=4, fast=False)  # model.generate
+            for merge in (False, True):  # adapters as they are / folded into the plan's weights
+                monkeypatch.setattr(D, "MERGE_MIN_TOKENS", 0 if merge else 10 ** 9)
+                assert greedy_decode(model, tok, PROMPTS, mx, batch_size=4) == ref
+            for x in (m, other):  # neither the called model nor the other one was written into
+                assert all(torch.equal(a, b) for a, b in zip(snap[id(x)], x.parameters()))
+        # two batches of 4, two plan structures (adapters as they are / folded): few captures, many reuses
+        assert D.GRAPH_STATS["captures"] - stats0["captures"] <= 4
+        assert D.GRAPH_STATS["reuses"] - stats0["reuses"] >= 12
+        assert 0 < len(D._STEPS) <= D.GRAPH_KEEP
+    finally:
+        D.clear_graphs()
+    assert not D._STEPS
+
+
+def test_copy_plan_refuses_another_structure(models):
+    a = llama.plan(models["lora"])
+    b = llama.plan(_lora(models["plain"], r=8))
+    with pytest.raises(ValueError, match="structure"):
+        llama.copy_plan_(a, b)
+    c = llama.clone_plan(a)
+    assert all(x is None or (x.data_ptr() != y.data_ptr() and torch.equal(x, y))
+               for x, y in zip(llama.plan_tensors(c), llama.plan_tensors(a)))

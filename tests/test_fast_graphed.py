@@ -68,3 +68,31 @@ def test_graphed_steps_track_eager_steps(tiny):
         assert (x - y).abs().max() <= 1e-4 * x.abs().max().clamp(min=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
         step(torch.zeros(5, 8, dtype=torch.long, device="cuda"), torch.ones(5, 8, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_greedy_steps_are_kept_across_calls(tiny, monkeypatch):
+    """Captured greedy steps give the eager path's tokens, also when a later call reuses the capture
+    after a write changed the adapter."""
+    from c2w.fast import decode as D
+    from c2w.fast import greedy_decode
+    from tests.test_fast import PROMPTS
+
+    m = _lora(copy.deepcopy(tiny.model).cuda())
+    mx = [5, 3, 7, 1, 6, 4, 2, 3]
+    reuses = D.GRAPH_STATS["reuses"]
+    D.clear_graphs()
+    try:
+        for change in (False, True, False):
+            if change:
+                with torch.no_grad():
+                    for n, p in m.named_parameters():
+                        if "lora_B" in n:
+                            p.add_(torch.randn_like(p) * 0.05)
+            monkeypatch.setattr(D, "CUDA_GRAPHS", False)
+            ref = greedy_decode(m, tiny.tokenizer, PROMPTS, mx, batch_size=4)
+            monkeypatch.setattr(D, "CUDA_GRAPHS", True)
+            assert greedy_decode(m, tiny.tokenizer, PROMPTS, mx, batch_size=4) == ref
+        assert D.GRAPH_STATS["reuses"] - reuses >= 4
+    finally:
+        D.clear_graphs()

@@ -159,7 +159,7 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
         h_last = prefill(p, seqs, cache)
     if first is None:
         first = [[t] for t in llama.next_token(p, h_last).tolist()]
-    graph = _GraphStep(p, cache) if CUDA_GRAPHS and dev.type == "cuda" else None
+    graph = _graph_step(p, cache) if CUDA_GRAPHS else None
     n = torch.tensor([len(s) + len(f) - 1 for s, f in zip(seqs, first)], device=dev)
     live = list(range(B))  # sequence index of each cache row
     new = first
@@ -194,33 +194,84 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
         new = [[t] for t in nxt.tolist()]
 
 
-CUDA_GRAPHS = False  # replay greedy steps from a captured CUDA graph (set by `c2w perf --cuda-graphs`)
+CUDA_GRAPHS = False  # replay greedy steps from captured CUDA graphs (set by `c2w perf --cuda-graphs`)
+GRAPH_BUCKET = 64  # a captured step serves every call whose cache fits its length, rounded up to this
+GRAPH_KEEP = 4  # captured steps kept across calls, most recent first (each holds a copy of the plan's weights)
+_STEPS: dict = {}  # (batch, cache length, plan structure) -> _GraphStep
+GRAPH_STATS = {"captures": 0, "reuses": 0}
+
+
+def clear_graphs() -> None:
+    """Drop the captured greedy steps (and the weights and caches they hold)."""
+    _STEPS.clear()
+
+
+def _structure(p: llama.Plan) -> tuple:
+    return (p.dtype, str(p.device), p.eps, p.n_heads, p.n_kv, p.head_dim,
+            tuple(None if t is None else (tuple(t.shape), t.dtype) for t in llama.plan_tensors(p)))
+
+
+def _graph_step(p: llama.Plan, cache: Cache) -> _GraphStep:
+    """The captured step for this batch, cache length (bucketed) and plan structure, made on first use,
+    loaded with this call's weights and prefilled cache."""
+    B, L = cache.k[0].shape[0], cache.k[0].shape[2]
+    key = (B, -(-L // GRAPH_BUCKET) * GRAPH_BUCKET, _structure(p))
+    step = _STEPS.pop(key, None)
+    if step is None:
+        while len(_STEPS) >= GRAPH_KEEP:
+            _STEPS.pop(next(iter(_STEPS)))  # the least recently used
+        step = _GraphStep(p, B, key[1])
+        GRAPH_STATS["captures"] += 1
+    else:
+        GRAPH_STATS["reuses"] += 1
+    _STEPS[key] = step
+    step.load(p, cache)
+    return step
 
 
 class _GraphStep:
-    """One greedy step (static shapes over the whole cache) captured once, replayed per token.
-    Rows that finish stay in the batch (their tokens are ignored): the shapes never change."""
+    """One greedy step (static shapes over the whole cache) captured once as a CUDA graph, replayed per
+    token. It runs over its own copy of the plan's tensors and its own cache, so that later calls of the
+    same shapes reuse it: `load` copies their weights (adapters may have changed since) and their
+    prefilled cache in, one device copy instead of two eager warm-up steps and a capture per call.
+    Rows that finish stay in the batch (their tokens are ignored): the shapes never change. Off CUDA
+    nothing is captured: the same static step runs eagerly (what the CPU tests exercise)."""
 
-    def __init__(self, p: llama.Plan, cache: Cache):
-        B, Lmax = cache.k[0].shape[0], cache.k[0].shape[2]
+    def __init__(self, p: llama.Plan, B: int, Lmax: int):
         dev = p.device
+        self.p = llama.clone_plan(p)  # private: loading a later call's weights never writes into a model
+        self.cache = Cache(self.p, B, Lmax)
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
-        self.n = torch.full((B,), Lmax - 1, dtype=torch.long, device=dev)  # warm-up writes a slot
-        self.valid = torch.ones((B, 1), dtype=torch.bool, device=dev)      # no real step reads unwritten
-        run = lambda: p.head(extend(p, cache, self.tok, self.n, self.valid, True, static=True)[:, 0])  # noqa: E731
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = run()
+        self.n = torch.full((B,), Lmax - 1, dtype=torch.long, device=dev)  # warm-up writes the last slot,
+        self.valid = torch.ones((B, 1), dtype=torch.bool, device=dev)      # which no step reads unwritten
+        self.graph = None
+        if dev.type == "cuda":
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+
+    def _run(self) -> torch.Tensor:
+        return self.p.head(extend(self.p, self.cache, self.tok, self.n, self.valid, True, static=True)[:, 0])
+
+    def load(self, p: llama.Plan, cache: Cache) -> None:
+        """This call's weights and prefilled cache [B, Hkv, L, D] (L <= the step's length) into the step.
+        Slots past L keep an earlier call's values: a row attends only to slots it has written."""
+        llama.copy_plan_(self.p, p)
+        L = cache.k[0].shape[2]
+        for dst, src in zip(self.cache.k + self.cache.v, cache.k + cache.v):
+            dst[:, :, :L].copy_(src)
 
     def __call__(self, tok: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         self.tok.copy_(tok[:, None])
         self.n.copy_(n)
+        if self.graph is None:
+            return self._run()
         self.graph.replay()
         return self.logits
 

@@ -15,6 +15,8 @@ mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -78,6 +80,39 @@ class Plan:
 
 class Unsupported(Exception):
     pass
+
+
+def _lin_tensors(L: Lin) -> list[torch.Tensor | None]:
+    return [L.W, L.b, L.A, L.B]
+
+
+def plan_tensors(p: Plan) -> list[torch.Tensor | None]:
+    """Every tensor a plan's forward reads, in a fixed order (None where a plan has none): two plans of
+    the same structure list theirs pairwise."""
+    out = [p.embed, p.norm, p.head_lp, *_lin_tensors(p.head)]
+    for L in p.layers:
+        out += [L.ln1, L.ln2, *_lin_tensors(L.qkv), *_lin_tensors(L.o), *_lin_tensors(L.gu), *_lin_tensors(L.down)]
+    return out + list(p.rotary.buffers())
+
+
+def clone_plan(p: Plan) -> Plan:
+    """A plan over private copies of every tensor (its rotary module copied too): writing into it
+    (copy_plan_) never touches a model's weights."""
+    c = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+    cl = lambda L: Lin(c(L.W), c(L.b), c(L.A), c(L.B))  # noqa: E731
+    return dataclasses.replace(
+        p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
+        layers=[Layer(c(L.ln1), cl(L.qkv), cl(L.o), c(L.ln2), cl(L.gu), cl(L.down)) for L in p.layers])
+
+
+def copy_plan_(dst: Plan, src: Plan) -> None:
+    """dst's tensors take src's values in place (same structure: same shapes, dtypes, Nones)."""
+    a, b = plan_tensors(dst), plan_tensors(src)
+    if len(a) != len(b) or any((x is None) != (y is None) or x is not None and x.shape != y.shape for x, y in zip(a, b)):
+        raise ValueError("plans differ in structure (layers, adapter ranks or shapes)")
+    for x, y in zip(a, b):
+        if x is not None and x is not y:
+            x.copy_(y)
 
 
 def _unwrap(model):
