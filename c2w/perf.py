@@ -337,9 +337,12 @@ def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, pea
             res["c2w"] = decode.greedy_decode(fast_m, tok, prompts, mx, batch_size=B)
 
         flops = 2 * n_params * (B * new + sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts))
+        g0 = dict(decode.GRAPH_STATS)
         stats = _compare(dev, [Side("plain", plain, B * new, flops, [], bf16=dev.type == "cpu" and plain_bf16),
                                Side("c2w", fast, B * new, flops, [])], repeats, peak)
-        out[str(B)] = _result(stats, batch=B, new_tokens=new,
+        # with --cuda-graphs: the warm-up call captures, the timed calls reuse (unless shapes differ)
+        graphs = {f"graph_{k}": v - g0[k] for k, v in decode.GRAPH_STATS.items()} if decode.CUDA_GRAPHS else {}
+        out[str(B)] = _result(stats, batch=B, new_tokens=new, **graphs,
                               greedy_rows_identical=sum(a == b for a, b in zip(res["plain"], res["c2w"])) / B)
     first = out[str(batches[0])]
     return dict(plain=first["plain"], c2w=first["c2w"], ratio=first["ratio"], batch=batches[0], by_batch=out)

@@ -112,3 +112,22 @@ def test_perf_bf16_options_report_the_bf16_gemm(tiny):
     assert "bf16" in format_table(res).splitlines()[0]
     assert "matmul_peak_bf16_gflops" not in run_perf(shape="tiny", batch=2, seq=12, repeats=1, threads=1,
                                                      tokenizer=tiny.tokenizer, workloads=["write"])["setup"]
+
+
+def test_perf_decode_reports_graph_captures_and_reuses(tiny, monkeypatch):
+    """With --cuda-graphs, the warm-up call captures and the timed calls reuse the kept step (off CUDA
+    the same static step runs eagerly, so the bookkeeping is checked here)."""
+    from c2w.fast import decode
+    from c2w.perf import bench_decode, load_model
+
+    model, tok = load_model("tiny", False, torch.device("cpu"), torch.float32, tiny.tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(decode, "CUDA_GRAPHS", True)
+    try:
+        r = bench_decode(model, tok, torch.device("cpu"), [1, 2], 3, 2, lambda bf16=False: 1e9, n_params,
+                         dict(r=4, lora_alpha=8, target_modules="all-linear"))
+    finally:
+        decode.clear_graphs()
+    for b in ("1", "2"):
+        assert (r["by_batch"][b]["graph_captures"], r["by_batch"][b]["graph_reuses"]) == (1, 2)
+        assert r["by_batch"][b]["greedy_rows_identical"] == 1.0
