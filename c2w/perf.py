@@ -134,9 +134,7 @@ def _compare(dev, sides: list[Side], repeats: int, probe) -> dict:
             _sync(dev)
             s.times.append(time.perf_counter() - t)
     peak = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"gemm_gflops": peak[kinds[0]] / 1e9}
-    if True in peak:
-        out["gemm_bf16_gflops"] = peak[True] / 1e9
+    out = {("gemm_bf16_gflops" if k else "gemm_gflops"): v / 1e9 for k, v in peak.items()}
     for s in sides:
         med = statistics.median(s.times)
         out[s.name] = dict(tokens=s.tokens, tokens_per_s=s.tokens / med, ms_per_step=1e3 * med, mfu=s.flops / med / peak[s.bf16],

@@ -103,6 +103,8 @@ def test_mfu_of_a_bf16_path_is_against_the_bf16_gemm():
         assert d["mfu"] == pytest.approx(1e6 / (d["ms_per_step"] / 1e3) / peak)
     only_fp32 = _compare(torch.device("cpu"), [Side("plain", lambda: None, 10, 1e6, [])], 1, probe)
     assert "gemm_bf16_gflops" not in only_fp32
+    only_bf16 = _compare(torch.device("cpu"), [Side("plain", lambda: None, 10, 1e6, [], bf16=True)], 1, probe)
+    assert "gemm_gflops" not in only_bf16 and only_bf16["gemm_bf16_gflops"] == 4.0
 
 
 def test_perf_bf16_options_report_the_bf16_gemm(tiny):
