@@ -23,7 +23,8 @@ params per real token; inference: 2 x params per prompt, answer and generated to
 the same numerator for both paths) over the time, against the square-GEMM throughput measured in the
 same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number),
 in the dtype the path's matmuls run in (on the CPU, a path under bf16 autocast or with bf16 weights
-is held against the bf16 GEMM, which runs about twice as fast here as fp32's).
+is held against the bf16 GEMM, which runs about twice as fast here as fp32's). With --profile, each
+path's step also runs under torch.profiler after the timed rounds (c2w.perf_profile: its time by kind).
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def bench_decode(base, tok, dev, batches: list[int], new: int, repeats: int, pea
         g0 = dict(decode.GRAPH_STATS)
         stats = _compare(dev, [Side("plain", plain, B * new, flops, [], bf16=dev.type == "cpu" and plain_bf16),
                                Side("c2w", fast, B * new, flops, [])], repeats, peak)
-        # with --cuda-graphs: the warm-up call captures, the timed calls reuse (unless shapes differ)
+        # with --cuda-graphs: the warm-up call captures, the timed (and any --profile) calls reuse it
         graphs = {f"graph_{k}": v - g0[k] for k, v in decode.GRAPH_STATS.items()} if decode.CUDA_GRAPHS else {}
         out[str(B)] = _result(stats, batch=B, new_tokens=new, **graphs,
                               greedy_rows_identical=sum(a == b for a, b in zip(res["plain"], res["c2w"])) / B)

@@ -28,10 +28,12 @@ import torch
 
 KINDS: tuple[tuple[str, str], ...] = (
     # kernels and operators, lower-cased; the first pattern that matches names the kind
-    ("optimizer", r"adam|multi_tensor|foreach|clip_grad|vector_norm|optimizer"),
+    ("optimizer", r"adam|multi_tensor|foreach|clip_grad|vector_norm|lpnorm|optimizer"),
+    # autograd's own rows (their self time is bookkeeping; the work is in the aten ops they call)
+    ("framework", r"^autograd::|backward\d+$|accumulategrad"),
     ("attention", r"scaled_dot_product|flash|fmha|attention|sdpa"),
-    ("matmul", r"^aten::(mm|addmm_?|bmm|baddbmm|matmul|linear|_addmm_activation)$|gemm|xmma|nvjet|cublas|"
-               r"s16816|h16816|wgmma|mkldnn|onednn"),
+    ("matmul", r"^aten::(mm|addmm_?|bmm|baddbmm|matmul|linear|_addmm_activation)$|gemm|gemv|splitk|xmma|nvjet|"
+               r"cublas|s16816|h16816|wgmma|mkldnn|onednn"),
     ("softmax/loss", r"softmax|logsumexp|nll|cross_entropy"),
     ("norm", r"rms_norm|layer_norm|rsqrt"),
     ("copy/cast/index", r"copy|^aten::to$|clone|contiguous|^aten::(cat|stack)$|cat_|index|gather|scatter|embedding|"

@@ -12,7 +12,7 @@ $py -c "import torch, transformers, peft; print('torch', torch.__version__, 'tra
 date -u
 run() { local name=$1 lim=$2; shift 2; local t=$SECONDS; echo "=== $name" >> "$OUT/err.log"
   timeout "$lim" "$@" > "$OUT/$name.json" 2>> "$OUT/err.log"; echo "== $name rc=$? $((SECONDS - t)) s"; }
-timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_fast_graphed.py 2>&1 | tail -3
+timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_fast_graphed.py tests/test_perf_profile.py 2>&1 | tail -3
 modes="eager graph"; [ "${WITH_COMPILE:-0}" = 1 ] && modes="$modes compile"
 for m in $modes; do timeout 240 $py scripts/cold_start.py --mode $m 2>> "$OUT/err.log" | tee -a "$OUT/cold.jsonl"; done
 run perf 240 $py -m c2w.perf --device cuda --json

@@ -7,6 +7,7 @@ log-probs |diff| <= 1e-4 nats, greedy token ids identical.
 
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -436,9 +437,11 @@ def test_reused_graph_steps_decode_like_generate_across_calls(models, tiny, monk
         assert D.GRAPH_STATS["captures"] - stats0["captures"] <= 4
         assert D.GRAPH_STATS["reuses"] - stats0["reuses"] >= 12
         assert 0 < len(D._STEPS) <= D.GRAPH_KEEP
+        # one private copy of the weights per plan structure (as is / folded), shared by its steps
+        assert len(D._PLANS) == len({id(st.p) for st in D._STEPS.values()}) <= 2
     finally:
         D.clear_graphs()
-    assert not D._STEPS
+    assert not D._STEPS and not D._PLANS
 
 
 def test_copy_plan_refuses_another_structure(models):
@@ -449,3 +452,34 @@ def test_copy_plan_refuses_another_structure(models):
     c = llama.clone_plan(a)
     assert all(x is None or (x.data_ptr() != y.data_ptr() and torch.equal(x, y))
                for x, y in zip(llama.plan_tensors(c), llama.plan_tensors(a)))
+    # the tiny model ties its head to the embedding: the copy is tied too, and an untied plan of the
+    # same shapes is another structure (copying both into the one tied tensor would keep only one)
+    assert a.embed is a.head.W and c.embed is c.head.W
+    untied = dataclasses.replace(a, head=llama.Lin(a.head.W.clone() + 1, None, None, None))
+    with pytest.raises(ValueError, match="tied"):
+        llama.copy_plan_(c, untied)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_row_done_early_stays_inside_the_cache(models, graphs, monkeypatch):
+    """A row whose whole continuation is known up front (a fully confirmed draft) is done at once
+    but stays in the batch while under a quarter of the rows are done; its position kept growing
+    past the cache's last slot (an IndexError; a device assert on CUDA). A cache of exactly 64
+    slots also fills the graph step's bucket."""
+    p = llama.plan(models["plain"])
+    g = torch.Generator().manual_seed(0)
+    B, S, M = 5, 58, 6
+    seqs = [torch.randint(5, 1000, (S,), generator=g).tolist() for _ in range(B)]
+    monkeypatch.setattr(D, "CUDA_GRAPHS", False)
+    with torch.inference_mode():
+        ref = D._greedy(p, seqs, [M] * B, None)
+    monkeypatch.setattr(D, "CUDA_GRAPHS", graphs)
+    D.clear_graphs()
+    try:
+        with torch.inference_mode():
+            cache = D.Cache(p, B, S + M)
+            D.prefill(p, [seqs[0] + ref[0][:M - 1]] + seqs[1:], cache)
+            first = [ref[0][:M]] + [[r[0]] for r in ref[1:]]
+            assert D._greedy(p, seqs, [M] * B, None, cache, None, first) == ref
+    finally:
+        D.clear_graphs()

@@ -20,6 +20,13 @@ from c2w.perf_profile import format_profile, op_kind, profile_step
     ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_norm", "optimizer"), ("Optimizer.step#AdamW.step", "optimizer"),
     ("aten::linalg_vector_norm", "optimizer"),
     ("autograd::engine::evaluate_function: MmBackward0", "framework"), ("_LinearCE", "framework"),
+    ("AddmmBackward0", "framework"), ("ScaledDotProductFlashAttentionForCpuBackward0", "framework"),
+    ("torch::autograd::AccumulateGrad", "framework"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::_log_softmax_backward_data", "softmax/loss"), ("aten::silu_backward", "elementwise"),
+    ("void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4, false, false>", "matmul"),
+    ("void splitKreduce_kernel<32, 16, int, float, float, float, float, true, false, false>", "matmul"),
+    ("void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>", "optimizer"),
     # CUDA kernel names, as a replayed graph shows them
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_execute_segment_k_off_kernel__5x_cublas", "matmul"),
     ("nvjet_tst_128x64_64x8_1x1_v_bz_TNT", "matmul"),
@@ -87,3 +94,21 @@ def test_perf_parser_profile_flag():
     assert ap.parse_args(["perf", "--profile"]).profile == 2
     assert ap.parse_args(["perf", "--profile", "5", "--json"]).profile == 5
     assert ap.parse_args(["perf", "--profile", "--json"]).profile == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_profile_sees_the_kernels_of_a_graph_replay():
+    """A replayed CUDA graph shows no operators: the profile must count its kernels (CUPTI)."""
+    a = torch.randn(512, 512, device="cuda")
+    out = a @ a
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = a @ a
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = (a @ a).relu_()
+    p = profile_step(g.replay, torch.device("cuda"), steps=3)
+    assert out.shape == a.shape and p["device"] == "cuda" and p["op_ms"] > 0
+    assert p["by_kind"].get("matmul", 0) > 0, p

@@ -159,7 +159,8 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
         h_last = prefill(p, seqs, cache)
     if first is None:
         first = [[t] for t in llama.next_token(p, h_last).tolist()]
-    graph = _graph_step(p, cache) if CUDA_GRAPHS else None
+    graph = _graph_step(p, cache) if CUDA_GRAPHS and _graphable(p) else None
+    last = (graph.cache if graph is not None else cache).k[0].shape[2] - 1  # the cache's last slot
     n = torch.tensor([len(s) + len(f) - 1 for s, f in zip(seqs, first)], device=dev)
     live = list(range(B))  # sequence index of each cache row
     new = first
@@ -190,37 +191,56 @@ def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int |
         else:
             h = extend(p, cache, tok[:, None], n, torch.ones_like(tok[:, None], dtype=torch.bool), True)
             nxt = llama.next_token(p, h[:, 0])
-        n = n + 1
+        # a row that is done but still in the batch (under a quarter are done, or a graph's fixed
+        # rows) keeps stepping; one done at once (a whole confirmed draft) would pass the cache's
+        # end: it rewrites its own last slot instead (its tokens are ignored, no other row reads it)
+        n = (n + 1).clamp_(max=last)
         new = [[t] for t in nxt.tolist()]
 
 
 CUDA_GRAPHS = False  # replay greedy steps from captured CUDA graphs (set by `c2w perf --cuda-graphs`)
 GRAPH_BUCKET = 64  # a captured step serves every call whose cache fits its length, rounded up to this
-GRAPH_KEEP = 4  # captured steps kept across calls, most recent first (each holds a copy of the plan's weights)
+GRAPH_KEEP = 4  # captured steps kept across calls, least recently used dropped first
+GRAPH_ROPE = ("default", "linear", "llama3", "yarn")  # rotary kinds whose forward reads only inv_freq
 _STEPS: dict = {}  # (batch, cache length, plan structure) -> _GraphStep
+_PLANS: dict = {}  # plan structure -> the private plan its steps share (one copy of the weights)
 GRAPH_STATS = {"captures": 0, "reuses": 0}
 
 
 def clear_graphs() -> None:
     """Drop the captured greedy steps (and the weights and caches they hold)."""
     _STEPS.clear()
+    _PLANS.clear()
+
+
+def _graphable(p: llama.Plan) -> bool:
+    # dynamic RoPE syncs with the host in its forward (no capture); longrope keeps tensors outside buffers
+    return getattr(p.rotary, "rope_type", "default") in GRAPH_ROPE
 
 
 def _structure(p: llama.Plan) -> tuple:
-    return (p.dtype, str(p.device), p.eps, p.n_heads, p.n_kv, p.head_dim,
-            tuple(None if t is None else (tuple(t.shape), t.dtype) for t in llama.plan_tensors(p)))
+    r = p.rotary
+    return (p.dtype, str(p.device), p.eps, p.n_heads, p.n_kv, p.head_dim, type(r).__name__,
+            getattr(r, "rope_type", None), getattr(r, "attention_scaling", None),  # a float the graph keeps
+            tuple(None if t is None else (tuple(t.shape), t.dtype) for t in llama.plan_tensors(p)), llama.plan_aliases(p))
 
 
+@torch.inference_mode()
 def _graph_step(p: llama.Plan, cache: Cache) -> _GraphStep:
     """The captured step for this batch, cache length (bucketed) and plan structure, made on first use,
     loaded with this call's weights and prefilled cache."""
     B, L = cache.k[0].shape[0], cache.k[0].shape[2]
-    key = (B, -(-L // GRAPH_BUCKET) * GRAPH_BUCKET, _structure(p))
+    shape = _structure(p)
+    key = (B, -(-L // GRAPH_BUCKET) * GRAPH_BUCKET, shape)
     step = _STEPS.pop(key, None)
     if step is None:
         while len(_STEPS) >= GRAPH_KEEP:
             _STEPS.pop(next(iter(_STEPS)))  # the least recently used
-        step = _GraphStep(p, B, key[1])
+        for k in [k for k, q in _PLANS.items() if k != shape and all(s.p is not q for s in _STEPS.values())]:
+            del _PLANS[k]  # no step left on it
+        if shape not in _PLANS:
+            _PLANS[shape] = llama.clone_plan(p)  # private: loading a call's weights never writes into a model
+        step = _GraphStep(_PLANS[shape], B, key[1])
         GRAPH_STATS["captures"] += 1
     else:
         GRAPH_STATS["reuses"] += 1
@@ -231,15 +251,16 @@ def _graph_step(p: llama.Plan, cache: Cache) -> _GraphStep:
 
 class _GraphStep:
     """One greedy step (static shapes over the whole cache) captured once as a CUDA graph, replayed per
-    token. It runs over its own copy of the plan's tensors and its own cache, so that later calls of the
-    same shapes reuse it: `load` copies their weights (adapters may have changed since) and their
-    prefilled cache in, one device copy instead of two eager warm-up steps and a capture per call.
-    Rows that finish stay in the batch (their tokens are ignored): the shapes never change. Off CUDA
-    nothing is captured: the same static step runs eagerly (what the CPU tests exercise)."""
+    token. It runs over a private plan (a copy of the weights, shared by the steps of one structure)
+    and its own cache, so that later calls of the same shapes reuse it: `load` copies their weights
+    (adapters may have changed since) and their prefilled cache in, one device copy instead of two
+    eager warm-up steps and a capture per call. Rows that finish stay in the batch (their tokens are
+    ignored): the shapes never change. Off CUDA nothing is captured: the same static step runs
+    eagerly (what the CPU tests exercise)."""
 
     def __init__(self, p: llama.Plan, B: int, Lmax: int):
         dev = p.device
-        self.p = llama.clone_plan(p)  # private: loading a later call's weights never writes into a model
+        self.p = p  # the private plan (_PLANS)
         self.cache = Cache(self.p, B, Lmax)
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.n = torch.full((B,), Lmax - 1, dtype=torch.long, device=dev)  # warm-up writes the last slot,

@@ -97,21 +97,39 @@ def plan_tensors(p: Plan) -> list[torch.Tensor | None]:
 
 def clone_plan(p: Plan) -> Plan:
     """A plan over private copies of every tensor (its rotary module copied too): writing into it
-    (copy_plan_) never touches a model's weights."""
-    c = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+    (copy_plan_) never touches a model's weights. A tensor the plan uses twice (a tied embedding and
+    head) is copied once."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def c(t):
+        if t is None:
+            return None
+        if id(t) not in memo:
+            memo[id(t)] = t.detach().clone()
+        return memo[id(t)]
+
     cl = lambda L: Lin(c(L.W), c(L.b), c(L.A), c(L.B))  # noqa: E731
     return dataclasses.replace(
         p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
         layers=[Layer(c(L.ln1), cl(L.qkv), cl(L.o), c(L.ln2), cl(L.gu), cl(L.down)) for L in p.layers])
 
 
+def plan_aliases(p: Plan) -> tuple[int, ...]:
+    """For each of plan_tensors(p), the index of its first occurrence (tied tensors share one)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(t), i) for i, t in enumerate(plan_tensors(p)))
+
+
 def copy_plan_(dst: Plan, src: Plan) -> None:
-    """dst's tensors take src's values in place (same structure: same shapes, dtypes, Nones)."""
+    """dst's tensors take src's values in place (same structure: same shapes, dtypes, Nones, ties)."""
     a, b = plan_tensors(dst), plan_tensors(src)
-    if len(a) != len(b) or any((x is None) != (y is None) or x is not None and x.shape != y.shape for x, y in zip(a, b)):
-        raise ValueError("plans differ in structure (layers, adapter ranks or shapes)")
+    if (len(a) != len(b) or plan_aliases(dst) != plan_aliases(src)
+            or any((x is None) != (y is None) or x is not None and x.shape != y.shape for x, y in zip(a, b))):
+        raise ValueError("plans differ in structure (layers, adapter ranks, shapes or tied weights)")
+    done: set[int] = set()
     for x, y in zip(a, b):
-        if x is not None and x is not y:
+        if x is not None and x is not y and id(x) not in done:
+            done.add(id(x))  # a tied tensor once
             x.copy_(y)
 
 
