@@ -78,6 +78,11 @@ def episode_tokens(tokenizer, stream: Stream) -> list[int]:
     return tokens
 
 
+def texts_over(tokenizer, stream: Stream, n: int) -> int:
+    """How many observed texts are longer than n tokens (a write step keeps only their first n)."""
+    return sum(1 for r in stream.records if r.observed and r.text.strip() and len(tokenizer(r.text).input_ids) > n)
+
+
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
     return LearnerConfig(lr=lr or cfg.lr or DEFAULT_LR.get(lr_key(method), 1e-3), token_budget=cfg.token_budget,
                          progress_points=cfg.progress_points, bf16_writes=cfg.bf16_writes, seed=seed)
@@ -156,7 +161,18 @@ def bench(cfg: BenchConfig) -> dict:
     tokens = {s: episode_tokens(bb.tokenizer, st) for s, st in streams.items()}
     if thin := thin_budget(cfg.token_budget, max(max(t) for t in tokens.values()), "--token-budget"):
         tqdm.write(f"c2w bench, longest episode: {thin}")
-    lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None else {}
+    cut = LearnerConfig.max_len
+    over = {s: texts_over(bb.tokenizer, st, cut) for s, st in streams.items()}
+    if any(over.values()):
+        tqdm.write(f"c2w bench: {max(over.values())} observed text(s) are longer than {cut} tokens; every write step "
+                   f"keeps only a text's first {cut} tokens (LearnerConfig.max_len), so the rest is never written")
+    skipped = None
+    if cfg.lr_search and cfg.lr is None and cfg.stream != "fictional":
+        # a file is the reported stream itself: a grid on it would choose lrs on what we report
+        skipped = ("a stream file has no validation seed; the grid would pick learning rates on the reported "
+                   "stream, so each method keeps its default (set one with --lr)")
+        tqdm.write(f"c2w bench: --lr-search skipped: {skipped}")
+    lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None and not skipped else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:
@@ -167,7 +183,8 @@ def bench(cfg: BenchConfig) -> dict:
         "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
                                       if lr_key(m) in DEFAULT_LR},
-                   "lr_search": lr_choice, "seeds_reported": seeds, "stream_meta": streams[seeds[0]].meta,
+                   "lr_search": lr_choice, "lr_search_skipped": skipped, "seeds_reported": seeds,
+                   "texts_over_max_len": {s: (n, cut) for s, n in over.items()}, "stream_meta": streams[seeds[0]].meta,
                    "budget_passes": {s: [round(cfg.token_budget / n, 2) if n else None for n in t]
                                      for s, t in tokens.items()}},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},

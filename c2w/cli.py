@@ -37,6 +37,9 @@ def cmd_stream_validate(ns) -> int:
     except OSError as e:
         print(f"error: cannot read {ns.path}: {e.strerror}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as e:
+        print(f"error: {ns.path} is not UTF-8 text: {e}", file=sys.stderr)
+        return 2
     for i in issues:
         print(f"{ns.path}:{i}", file=sys.stderr)
     if issues:

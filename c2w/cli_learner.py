@@ -89,7 +89,7 @@ def read_texts(source: str, fmt: str = "auto") -> list[tuple[str | None, str]]:
         fmt = "mixed" if source == "-" else ("text" if source.endswith(".txt") else "jsonl")
 
     lines, issues, episodes = [], [], {}
-    for n, line in enumerate(content.splitlines(), start=1):
+    for n, line in enumerate(content.split("\n"), start=1):  # not splitlines: U+2028 may sit inside JSON
         s = line.strip()
         if not s:
             lines.append("")

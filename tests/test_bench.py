@@ -124,3 +124,37 @@ def test_budget_counts_observed_text_and_warns_when_thin(tiny):
 def test_results_record_the_budget_passes_per_seed(first_run):
     cfg = json.loads((first_run / "results.json").read_text())["config"]
     assert set(cfg["budget_passes"]) == {"0", "1"} and all(len(v) == 2 and min(v) > 0 for v in cfg["budget_passes"].values())
+
+
+def test_a_stream_file_is_never_tuned_on(tmp_path, monkeypatch, capsys):
+    """A stream file is the reported stream itself (it has no validation seed): --lr-search must not
+    pick learning rates on it; the run says so and keeps the defaults."""
+    import c2w.bench as B
+    from c2w.streams.fictional import FictionalConfig, generate_fictional
+    from c2w.streams.validate import write_stream
+
+    p = write_stream(generate_fictional(FictionalConfig(episodes=2, facts_per_episode=2, seed=7)), tmp_path / "s.jsonl")
+
+    def no_grid(*a, **k):
+        raise AssertionError("the lr grid ran on the reported stream")
+
+    monkeypatch.setattr(B, "choose_lrs", no_grid)
+    res = bench(tiny_cfg(tmp_path / "out", stream=str(p), seeds=1, methods=["lora"], lr_search=True))
+    assert res["config"]["lr_search"] == {} and "stream file" in res["config"]["lr_search_skipped"]
+    cap = capsys.readouterr()
+    assert "--lr-search skipped" in cap.out + cap.err
+    assert res["config"]["texts_over_max_len"] == {0: (0, 128)} and "longer than" not in cap.out + cap.err
+
+
+def test_texts_longer_than_a_write_step_keeps_are_reported(tmp_path, capsys):
+    from c2w.streams.records import Probe, Record, Stream
+    from c2w.streams.validate import write_stream
+
+    long = " ".join(["The old stone bridge over the valley was rebuilt."] * 40) + " Mira was born in Oskeln."
+    recs = [Record("f1", 0, long, (Probe("Mira was born in", "Oskeln"),)),
+            Record("f2", 0, "Tam lives in Prell.", (Probe("Tam lives in", "Prell"),))]
+    p = write_stream(Stream(recs), tmp_path / "long.jsonl")
+    res = bench(tiny_cfg(tmp_path / "out", stream=str(p), seeds=1, methods=["none"]))
+    assert res["config"]["texts_over_max_len"] == {0: (1, 128)}
+    cap = capsys.readouterr()
+    assert "1 observed text(s) are longer than 128 tokens" in cap.out + cap.err

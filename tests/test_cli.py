@@ -106,3 +106,11 @@ def test_help_status_and_validate_never_import_the_model_stack(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "ok (1 records" in r.stdout and "no c2w state" in r.stderr and "v000001" in r.stdout
+
+
+def test_validate_names_a_file_that_is_not_utf8(tmp_path, capsys):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes('{"id": "f1", "episode": 0, "text": "caf\xe9", "probes": []}\n'.encode("latin-1"))
+    assert cli.main(["stream", "validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "UTF-8" in err and "Traceback" not in err

@@ -43,3 +43,17 @@ def test_format_prompts(tiny):
     assert "The capital of France is" in chat and chat != "The capital of France is"
     with pytest.raises(ValueError, match="raw' or 'chat"):
         format_prompts(tok, ["a"], "xml")
+
+
+@pytest.mark.parametrize("cont, answer, correct", [
+    (" 李小龍。", "李小龍", True),               # CJK full stop is punctuation
+    (" 上海是一个城市", "上海", True),            # no spaces between CJK words: each ideograph is a word
+    (" 上海是一个城市", "海是", True),            # (lenient inside CJK runs, as per-character word splitting is)
+    (" 東京", "京都", False),
+    (" زارون، مدينة", "زارون", True),           # Arabic comma
+    (" «Oskeln» is the town", "Oskeln", True),  # guillemets
+    (" Parisian food", "Paris", False),         # Latin text unchanged: whole words
+    (" Paris, France", "Paris", True),
+])
+def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
+    assert is_correct(cont, answer) is correct

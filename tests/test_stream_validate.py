@@ -167,3 +167,25 @@ def test_write_refuses_invalid_stream(tmp_path):
     with pytest.raises(StreamError):
         write_stream(bad, tmp_path / "bad.jsonl")
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_unicode_line_separators_inside_text_round_trip(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings; JSONL
+    lines end at "\\n" only (str.splitlines would cut those records in half)."""
+    text = "Line one\u2028line two\u2029para\x85next, all one record."
+    recs = [Record("f1", 0, text, (Probe("Where?\u2028", "Oskeln"),))]
+    p = write_stream(Stream(recs, name="x"), tmp_path / "u.jsonl")
+    assert "\u2028" in p.read_text(encoding="utf-8")  # written raw
+    back = load_stream(p)
+    assert back.records[0].text == text and back.records[0].probes[0].prompt == "Where?\u2028"
+
+
+def test_far_episode_gap_is_summarised():
+    """One record in episode 10^8 must not list (or build) 10^8 missing episodes."""
+    _, found, issues = issues_of([line(id="a"), line(id="b", episode=10 ** 8)])
+    assert found == [(0, "episode")]
+    msg = issues[0].message
+    assert len(msg) < 300 and msg.endswith("missing 1-99999999")
+    eps = [line(id=f"e{k}", episode=3 * k) for k in range(30)]  # 29 gaps of two: the first ten, then a count
+    msg = issues_of(eps)[2][0].message
+    assert msg.endswith("missing 1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 19, 20, 22, 23, 25, 26, 28, 29 and 19 more runs")

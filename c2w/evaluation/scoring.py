@@ -18,10 +18,20 @@ from c2w.fast import decode_and_logprobs, greedy_decode
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
 
 
+def _cjk(c: str) -> bool:
+    # CJK ideographs and kana: written without spaces between words, so each counts as a word
+    o = ord(c)
+    return 0x3040 <= o <= 0x30FF or 0x3400 <= o <= 0x4DBF or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF \
+        or 0x20000 <= o <= 0x2FA1F
+
+
 def normalise(s: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed."""
-    s = unicodedata.normalize("NFKC", s).lower()
-    return " ".join(_PUNCT.sub(" ", s).split())
+    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, each
+    CJK character spaced as a word of its own, whitespace collapsed."""
+    s = _PUNCT.sub(" ", unicodedata.normalize("NFKC", s).lower())
+    if not s.isascii():
+        s = "".join(" " if unicodedata.category(c)[0] == "P" else f" {c} " if _cjk(c) else c for c in s)
+    return " ".join(s.split())
 
 
 def first_line(s: str) -> str:

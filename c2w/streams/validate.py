@@ -193,12 +193,24 @@ def validate_lines(lines: Iterable[str]) -> tuple[list[Record], list[StreamIssue
     if n_lines == 0:
         issues.append(StreamIssue(0, "", "the stream has no records"))
     elif episodes:
-        missing = sorted(set(range(max(episodes) + 1)) - episodes)
+        missing = _gaps(episodes)
         if missing:
-            issues.append(StreamIssue(0, "episode", "episodes must be contiguous from 0; missing "
-                                                    + ", ".join(map(str, missing))))
+            issues.append(StreamIssue(0, "episode", "episodes must be contiguous from 0; missing " + missing))
     issues.sort(key=lambda i: (i.line == 0, i.line))
     return records, issues
+
+
+def _gaps(episodes: set[int], show: int = 10) -> str:
+    """The episode numbers missing below max(episodes), as runs ("2", "0, 1", "4-9"), at most `show`
+    runs: a stray episode 10**8 costs no list of 10**8 numbers."""
+    runs, prev = [], -1
+    for e in sorted(episodes):
+        if e > prev + 1:
+            a, b = prev + 1, e - 1
+            runs.append(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}")
+        prev = e
+    more = f" and {len(runs) - show} more runs" if len(runs) > show else ""
+    return ", ".join(runs[:show]) + more
 
 
 def load_stream(path: str | Path) -> Stream:
@@ -210,7 +222,9 @@ def load_stream(path: str | Path) -> Stream:
         content = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise StreamError([StreamIssue(0, "", f"not UTF-8 text: {e}")], p) from None
-    records, issues = validate_lines(content.splitlines())
+    # JSONL lines end at "\n" only: str.splitlines would also cut at U+2028, U+2029 or U+0085,
+    # which json.dumps(ensure_ascii=False) leaves raw inside strings
+    records, issues = validate_lines(content.split("\n"))
     if issues:
         raise StreamError(issues, p)
     return Stream(records=records, name=p.stem)
