@@ -139,3 +139,25 @@ def test_aggregate_matrix():
     assert r["per_seed"] == [[[1.0, 0.0], [0.5, None]], [[0.0, 0.0], [0.7, None]]]
     with pytest.raises(ValueError):
         aggregate_matrix([np.zeros((2, 2)), np.zeros((3, 3))])
+
+
+def test_an_episode_without_probes_is_left_out_of_every_average():
+    """A column of nan is an episode with nothing to score (no probes, or all of them replaced by
+    later records): the averages run over the other episodes instead of all turning nan. A nan in a
+    column that has values still propagates."""
+    nan = math.nan
+    R = [[0.5, nan, 0.1],
+         [0.4, nan, 0.2],
+         [0.3, nan, 0.8]]
+    m = cl_metrics(R, [0.0, 0.0, 0.1])
+    assert m["acc"] == pytest.approx(0.55)
+    assert m["bwt"] == pytest.approx(-0.2)
+    assert m["fwt"] == pytest.approx(0.1)
+    assert m["forgetting"] == pytest.approx(0.2)
+    assert m["learning_accuracy"] == pytest.approx(0.65)
+    assert m["retention"] == pytest.approx(0.6)
+    holey = [[0.5, 0.2, 0.1], [0.4, nan, 0.2], [0.3, 0.6, 0.8]]
+    h = cl_metrics(holey, [0.0, 0.0, 0.1])  # R[1][1] missing: what reads it is nan, the rest is not
+    assert math.isnan(h["learning_accuracy"]) and math.isnan(h["bwt"]) and h["acc"] == pytest.approx(0.9 / 3 + 0.8 / 3)
+    assert math.isnan(cl_metrics([[0.5, 0.2], [nan, 0.4]], [0.0, 0.0])["acc"])
+    assert all(math.isnan(v) for v in cl_metrics([[nan, nan], [nan, nan]], [0.0, 0.0]).values())

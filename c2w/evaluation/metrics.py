@@ -15,7 +15,10 @@ retention              ``mean_{j<T-1, R[j][j]>0} R[T-1][j] / R[j][j]``
 =====================  =================================================================
 
 With ``T == 1`` there is no past and no future episode: BWT, FWT, forgetting and retention are
-``nan``; ACC and learning accuracy are defined. NaN cells in ``R`` propagate (no silent skipping).
+``nan``; ACC and learning accuracy are defined. An episode whose column is all ``nan`` has nothing
+to score (no probes, or every one replaced by a later record): each average runs over the other
+episodes (``1/T`` becomes one over the episodes that have probes). Any other ``nan`` cell
+propagates (no silent skipping).
 
 Aggregation over seeds (`mean_std`, `aggregate_matrix`) is nan-aware: ``nan``/``None`` entries are
 ignored in the mean and std (and are ``None`` in ``per_seed`` so the result is valid JSON).
@@ -79,10 +82,19 @@ def _none_to_nan(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ matrix metrics
+def _probed(R: np.ndarray) -> np.ndarray:
+    """Indices of the episodes with something to score (a column not all nan)."""
+    return np.flatnonzero(~np.all(np.isnan(R), axis=0))
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if x.size else math.nan
+
+
 def acc(R: Any) -> float:
     """Average final accuracy: ``ACC = 1/T * sum_j R[T-1][j]``."""
     R = _as_matrix(R)
-    return float(np.mean(R[-1, :]))
+    return _mean(R[-1, _probed(R)])
 
 
 def bwt(R: Any) -> float:
@@ -94,8 +106,9 @@ def bwt(R: Any) -> float:
     T = R.shape[0]
     if T < 2:
         return math.nan
-    j = np.arange(T - 1)
-    return float(np.mean(R[T - 1, j] - R[j, j]))
+    j = _probed(R)
+    j = j[j < T - 1]
+    return _mean(R[T - 1, j] - R[j, j])
 
 
 def fwt(R: Any, base: Any) -> float:
@@ -109,8 +122,9 @@ def fwt(R: Any, base: Any) -> float:
     b = _as_base(base, T)
     if T < 2:
         return math.nan
-    j = np.arange(1, T)
-    return float(np.mean(R[j - 1, j] - b[j]))
+    j = _probed(R)
+    j = j[j > 0]
+    return _mean(R[j - 1, j] - b[j])
 
 
 def forgetting(R: Any) -> float:
@@ -123,14 +137,15 @@ def forgetting(R: Any) -> float:
     T = R.shape[0]
     if T < 2:
         return math.nan
-    drops = [np.max(R[j:T - 1, j]) - R[T - 1, j] for j in range(T - 1)]
-    return float(np.mean(drops))
+    drops = [np.max(R[j:T - 1, j]) - R[T - 1, j] for j in _probed(R) if j < T - 1]
+    return _mean(np.asarray(drops, dtype=float))
 
 
 def learning_accuracy(R: Any) -> float:
     """Learning accuracy (just-learned accuracy): ``LA = 1/T * sum_j R[j][j]``."""
     R = _as_matrix(R)
-    return float(np.mean(np.diag(R)))
+    j = _probed(R)
+    return _mean(R[j, j])
 
 
 def retention(R: Any) -> float:
