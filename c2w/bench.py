@@ -69,18 +69,17 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
     return bb, controls, passages, base_logprobs(bb.model, passages)
 
 
-def episode_tokens(tokenizer, stream: Stream) -> list[int]:
-    """Per episode: the tokens of the text a learner observes (controls are never observed)."""
+def observed_lengths(tokenizer, stream: Stream) -> list[tuple[int, int]]:
+    """(episode, tokens) of each text a learner observes (controls are never observed)."""
+    return [(r.episode, len(tokenizer(r.text).input_ids)) for r in stream.records if r.observed and r.text.strip()]
+
+
+def episode_tokens(tokenizer, stream: Stream, lengths: list[tuple[int, int]] | None = None) -> list[int]:
+    """Per episode: the tokens of the text a learner observes (`lengths`: observed_lengths, if at hand)."""
     tokens = [0] * stream.n_episodes
-    for r in stream.records:
-        if r.observed and r.text.strip():
-            tokens[r.episode] += len(tokenizer(r.text).input_ids)
+    for ep, n in observed_lengths(tokenizer, stream) if lengths is None else lengths:
+        tokens[ep] += n
     return tokens
-
-
-def texts_over(tokenizer, stream: Stream, n: int) -> int:
-    """How many observed texts are longer than n tokens (a write step keeps only their first n)."""
-    return sum(1 for r in stream.records if r.observed and r.text.strip() and len(tokenizer(r.text).input_ids) > n)
 
 
 def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = None) -> LearnerConfig:
@@ -158,21 +157,22 @@ def bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     bb, controls, passages, base_lp = prepare(cfg)
-    tokens = {s: episode_tokens(bb.tokenizer, st) for s, st in streams.items()}
+    lengths = {s: observed_lengths(bb.tokenizer, st) for s, st in streams.items()}  # one tokenisation pass
+    tokens = {s: episode_tokens(bb.tokenizer, st, lengths[s]) for s, st in streams.items()}
     if thin := thin_budget(cfg.token_budget, max(max(t) for t in tokens.values()), "--token-budget"):
         tqdm.write(f"c2w bench, longest episode: {thin}")
     cut = LearnerConfig.max_len
-    over = {s: texts_over(bb.tokenizer, st, cut) for s, st in streams.items()}
+    over = {s: sum(n > cut for _, n in ls) for s, ls in lengths.items()}  # a write step keeps a text's first `cut`
     if any(over.values()):
         tqdm.write(f"c2w bench: {max(over.values())} observed text(s) are longer than {cut} tokens; every write step "
                    f"keeps only a text's first {cut} tokens (LearnerConfig.max_len), so the rest is never written")
-    skipped = None
-    if cfg.lr_search and cfg.lr is None and cfg.stream != "fictional":
+    search, skipped = cfg.lr_search and cfg.lr is None, None
+    if search and cfg.stream != "fictional":
         # a file is the reported stream itself: a grid on it would choose lrs on what we report
         skipped = ("a stream file has no validation seed; the grid would pick learning rates on the reported "
                    "stream, so each method keeps its default (set one with --lr)")
         tqdm.write(f"c2w bench: --lr-search skipped: {skipped}")
-    lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if cfg.lr_search and cfg.lr is None and not skipped else {}
+    lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if search and not skipped else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:

@@ -31,12 +31,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("perf*.json")):
         for w in ("write", "write_var"):
             if r.get(w, {}).get("cuda_graph"):
                 print(f"{w}: capture {r[w]['capture_s']:.2f} s, {r[w]['capture_peak_mb']:.0f} MB")
-        from c2w.perf_profile import format_profile
-        for w, rr in r.items():
-            for tag, d in ([("", rr)] if "by_batch" not in rr else rr["by_batch"].items()) if w != "setup" else []:
-                for path, p in d.get("detail", {}).items():
-                    if isinstance(p, dict) and "profile" in p:
-                        print(f"profile {w}{tag} {path}: " + "\n    ".join(format_profile(p["profile"])))
     except Exception as e:  # noqa: BLE001
         print(f"--- {f.name}: unreadable ({e})")
 PY
