@@ -164,8 +164,9 @@ def bench(cfg: BenchConfig) -> dict:
     cut = LearnerConfig.max_len
     over = {s: sum(n > cut for _, n in ls) for s, ls in lengths.items()}  # a write step keeps a text's first `cut`
     if any(over.values()):
-        tqdm.write(f"c2w bench: {max(over.values())} observed text(s) are longer than {cut} tokens; every write step "
-                   f"keeps only a text's first {cut} tokens (LearnerConfig.max_len), so the rest is never written")
+        tqdm.write(f"c2w bench: {max(over.values())} observed text(s) are longer than {cut} tokens (LearnerConfig.max_len, "
+                   f"what one write step keeps of a text); every method that writes weights trains on each as windows "
+                   f"of at most {cut} tokens")
     search, skipped = cfg.lr_search and cfg.lr is None, None
     if search and cfg.stream != "fictional":
         # a file is the reported stream itself: a grid on it would choose lrs on what we report

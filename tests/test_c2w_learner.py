@@ -377,3 +377,16 @@ def test_progress_points_sit_at_fractions_of_the_episode_budget_sleep_included(t
     flat = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, router_calibration=6, sleep=False))
     assert [t for _, t in flat.observe_steps(0, obs)] == [pytest.approx(80, abs=30), pytest.approx(160, abs=30)]
     assert list(flat.end_episode_steps(0)) == []
+
+
+def test_a_long_text_is_kept_and_replayed_as_windows_a_write_step_reaches(tiny):
+    from c2w.learners.train import windows
+
+    long = " ".join(["The old stone bridge over the valley was rebuilt."] * 6) + " Mira was born in Oskeln."
+    cfg = LearnerConfig(lr=1e-3, token_budget=200, max_len=32, batch_size=2, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, rehearsal=False, recombination=False,
+                                              router_calibration=6))
+    learner.observe(0, [Observation("f1", 0, long)])
+    (entry,) = learner.buffer.entries
+    assert entry.text == long and entry.views == windows(tiny.tokenizer, [long], 32)
+    assert len(entry.views) > 1 and entry.views[-1].endswith("Mira was born in Oskeln.")

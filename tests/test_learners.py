@@ -102,3 +102,47 @@ def test_fit_budget_cuts_whole_rows_then_a_head_and_drops_empty_rows():
     assert a.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]] and i.tolist() == ids[:2].tolist()
     i, a = fit_budget(ids, att, 0)
     assert len(i) == 0 and len(a) == 0
+
+
+def test_windows_keep_short_texts_whole_and_cut_long_ones_at_sentence_ends(tiny):
+    from c2w.learners.train import windows
+
+    tok = tiny.tokenizer
+    short = "Tam lives in Prell."
+    sents = [f"The river number {i} flows past the town of Ralan and into the sea." for i in range(12)]
+    long = " ".join(sents)
+    out = windows(tok, [short, long], 48)
+    assert out[0] is short
+    pieces = out[1:]
+    assert len(pieces) > 1 and " ".join(pieces) == long  # the whole text, in order, nothing lost
+    assert all(len(tok(p, add_special_tokens=False).input_ids) <= 48 for p in pieces)
+    assert all(p.endswith("sea.") for p in pieces)  # each cut at a sentence end
+    # no sentence end in reach: cut at token boundaries, nothing lost
+    run_on = "x" * 2000
+    pieces = windows(tok, [run_on], 48)
+    assert "".join(pieces) == run_on and all(len(tok(p, add_special_tokens=False).input_ids) <= 48 for p in pieces)
+    lines = "\n".join(["one line of plain words"] * 40)
+    assert "\n".join(windows(tok, [lines], 48)) == lines
+
+
+@pytest.mark.parametrize("method", ["lora", "full-ft", "lora-replay"])
+def test_baselines_write_the_tail_of_a_text_longer_than_a_write_step(tiny, method, monkeypatch):
+    """A write step keeps a text's first max_len tokens: the tail of a long text must still be
+    trained on (as its own window), not silently dropped."""
+    from c2w.learners import train
+
+    seen: list[str] = []
+    collate = train.collate
+
+    def spy(tokenizer, texts, max_len, device):
+        ids, att = collate(tokenizer, texts, max_len, device)
+        seen.extend(tokenizer.decode(r[m.bool()]) for r, m in zip(ids, att))
+        return ids, att
+
+    monkeypatch.setattr(train, "collate", spy)
+    long = " ".join(["The old stone bridge over the valley was rebuilt."] * 6) + " Mira was born in Oskeln."
+    assert len(tiny.tokenizer(long).input_ids) > 32
+    learner = make_learner(method, tiny, LearnerConfig(lr=1e-3, token_budget=400, max_len=32, batch_size=2, seed=0))
+    learner.observe(0, [Observation("f1", 0, long)])
+    assert any("Mira was born in Oskeln." in s for s in seen)
+    assert all(len(tiny.tokenizer(t).input_ids) <= 32 for t in getattr(learner, "buffer", []))

@@ -49,3 +49,11 @@ def test_end_words_ask_for_a_lower_case_answer_at_the_sentence_end():
     assert "translator: Trakon Bovov now works as a translator." in views
     assert not any("translator." in v and v.startswith("Question") and "Answer: translator" in v
                    for v in mechanical_views(text, "cloze-qa"))  # off by default
+
+
+def test_build_views_takes_the_raw_text_as_given_windows():
+    w = ["First half of a long text.", "Second half of it."]
+    text = " ".join(w)
+    assert build_views(text, None, False, raw=w) == w
+    views = build_views(text, None, True, raw=w)
+    assert views[:2] == w and text not in views

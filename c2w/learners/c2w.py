@@ -25,7 +25,7 @@ from c2w.fast import make_optimizer
 from c2w.config import ABLATIONS, C2WConfig, GateConfig, LearnerConfig  # noqa: F401  (re-exported)
 from c2w.learners.base import Learner, Progress
 from c2w.learners.lora import lora_config
-from c2w.learners.train import epoch_sampler, write_texts
+from c2w.learners.train import epoch_sampler, windows, write_texts
 from c2w.memory.bank import FAST, AdapterBank
 from c2w.memory.buffer import EpisodicBuffer, Entry
 from c2w.memory.gate import cloze_pairs, score_texts, text_signals
@@ -103,7 +103,9 @@ class C2WLearner(Learner):
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
                 para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
             self.cost.add(self.flops_fwd * 80 * len(obs), "views")
-        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style, self.c2w.end_words)) for o, p in zip(obs, para)]
+        entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style,
+                                                            self.c2w.end_words, windows(self.tokenizer, [o.text], self.cfg.max_len)))
+                   for o, p in zip(obs, para)]
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)

@@ -9,7 +9,7 @@ import torch
 
 from c2w.fast import make_optimizer
 from c2w.learners.base import Learner
-from c2w.learners.train import epoch_sampler, write_texts
+from c2w.learners.train import epoch_sampler, windows, write_texts
 
 
 class FullFTLearner(Learner):
@@ -26,7 +26,7 @@ class FullFTLearner(Learner):
         self.flops_per_token = 6 * backbone.n_params
 
     def observe_steps(self, episode, observations):
-        texts = [o.text for o in observations if o.text.strip()]
+        texts = windows(self.tokenizer, [o.text for o in observations if o.text.strip()], self.cfg.max_len)
         if not texts:
             return
         yield from write_texts(self.net, self.tokenizer, self.opt, self.params, epoch_sampler(texts, self.cfg.batch_size, self.rng),

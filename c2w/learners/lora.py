@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from c2w.fast import make_optimizer
 from c2w.learners.base import Learner
-from c2w.learners.train import epoch_sampler, write_texts
+from c2w.learners.train import epoch_sampler, windows, write_texts
 
 
 def lora_config(cfg) -> LoraConfig:
@@ -42,7 +42,7 @@ class LoraLearner(Learner):
         return epoch_sampler(texts, self.cfg.batch_size, self.rng)
 
     def observe_steps(self, episode, observations):
-        texts = [o.text for o in observations if o.text.strip()]
+        texts = windows(self.tokenizer, [o.text for o in observations if o.text.strip()], self.cfg.max_len)
         if not texts:
             return
         yield from write_texts(self.peft, self.tokenizer, self.opt, self.params, self.batches(texts),

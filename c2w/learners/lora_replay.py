@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from c2w.learners.lora import LoraLearner
-from c2w.learners.train import epoch_sampler
+from c2w.learners.train import epoch_sampler, windows
 
 
 class LoraReplayLearner(LoraLearner):
@@ -27,14 +27,13 @@ class LoraReplayLearner(LoraLearner):
 
     def observe_steps(self, episode, observations):
         yield from super().observe_steps(episode, observations)
-        for o in observations:  # reservoir sampling keeps a uniform sample of everything seen
-            if not o.text.strip():
-                continue
+        # reservoir sampling keeps a uniform sample of everything seen (a long text's windows, each)
+        for text in windows(self.tokenizer, [o.text for o in observations if o.text.strip()], self.cfg.max_len):
             self.seen += 1
             if len(self.buffer) < self.cfg.buffer_size:
-                self.buffer.append(o.text)
+                self.buffer.append(text)
             elif (j := self.rng.randrange(self.seen)) < self.cfg.buffer_size:
-                self.buffer[j] = o.text
+                self.buffer[j] = text
 
     def state_bytes(self) -> int:
         return super().state_bytes() + sum(len(t.encode()) for t in self.buffer)

@@ -21,6 +21,42 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
+_ENDS = set(".!?。！？")
+
+
+def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
+    """Each text as consecutive windows of at most `max_len` tokens, in order, so a write step
+    (which keeps a text's first `max_len` tokens) reaches all of it. A text that fits stays
+    whole, untouched. A longer one is cut at a token boundary, moved back to the last sentence
+    end (or line break) in the window's second half when there is one, so a sentence is rarely
+    split; the pieces together hold the whole text but the whitespace at the cuts."""
+    out: list[str] = []
+    for t in texts:
+        enc = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc.input_ids)
+        if n <= max_len:
+            out.append(t)
+            continue
+        starts = [a for a, _ in enc.offset_mapping]
+        i = 0
+        while i < n:
+            j = min(i + max_len, n)
+            if j < n:
+                j = next((k for k in range(j, i + max_len // 2, -1) if _starts_sentence(t, starts, k)), j)
+            piece = (t[starts[i]:starts[j]] if j < n else t[starts[i]:]).strip()
+            if piece:
+                out.append(piece)
+            i = j
+    return out
+
+
+def _starts_sentence(t: str, starts: list[int], k: int) -> bool:
+    """Token k starts a sentence: the token before it ends in . ! ? (or their CJK forms), or a line
+    break comes between them."""
+    before = t[starts[k - 1]:starts[k]]
+    return before.rstrip()[-1:] in _ENDS or "\n" in before or t[starts[k]:starts[k] + 1] == "\n"
+
+
 # Below this many passes over the text a learner observes, `c2w bench` and `c2w learn` warn. The
 # built-in stream's quick preset gives 16-20; on the dev passages (examples/passages.jsonl) c2w learned almost nothing at
 # 4-6 passes (learning accuracy 0.037) and 0.250 at four times that (BENCHMARKS.md, session 16).

@@ -116,8 +116,10 @@ def paraphrases(model, tokenizer, texts: list[str], max_new_tokens: int = 40) ->
 
 
 def build_views(text: str, paraphrase: str | None, recombine: bool, style: str = "cloze-qa",
-                end_words: bool = False) -> list[str]:
-    """All training views of one text; the raw text only when recombination is off."""
+                end_words: bool = False, raw: list[str] | None = None) -> list[str]:
+    """All training views of one text; the raw text only when recombination is off. `raw`: the
+    raw text as written (`learners.train.windows`: a long text's windows), default [text]."""
+    raw = [text] if raw is None else raw
     if not recombine:
-        return [text]
-    return [text, *mechanical_views(text, style, end_words), *([paraphrase] if paraphrase else [])]
+        return list(raw)
+    return [*raw, *mechanical_views(text, style, end_words), *([paraphrase] if paraphrase else [])]
