@@ -155,6 +155,9 @@ def bench(cfg: BenchConfig) -> dict:
     seeds = cfg.reported_seeds()
     streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    if (out / "results.json").exists() and not cfg.overwrite:  # refused before any model loads: nothing lost
+        raise FileExistsError(f"{out} already holds a run (results.json); choose another --out, or pass --overwrite "
+                              f"to replace it")
     out.mkdir(parents=True, exist_ok=True)
     bb, controls, passages, base_lp = prepare(cfg)
     lengths = {s: observed_lengths(bb.tokenizer, st) for s, st in streams.items()}  # one tokenisation pass

@@ -69,6 +69,9 @@ def cmd_report(ns) -> int:
 
     results = merge_results([load_results(p) for p in ns.runs], list(ns.runs))
     out = Path(ns.out)
+    if (out / "results.json").exists() and not ns.overwrite and "merged_from" not in load_results(out).get("config", {}):
+        raise FileExistsError(f"{out} holds a bench run's own results.json, which the merged one would replace; "
+                              f"choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     # the bench's writer: NaN becomes null, so the merged file is strict JSON like the runs it merges
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write report.md and plots from one or more bench runs over the same streams")
     r.add_argument("runs", nargs="+", help="bench output folders (or results.json files)")
     r.add_argument("--out", required=True, help="folder for the merged results.json, report.md and plots")
+    r.add_argument("--overwrite", action="store_true", help="let --out replace a bench run's own results.json")
     r.set_defaults(func=cmd_report)
     from c2w.cli_learner import add_learner_parsers
     from c2w.perf_args import add_perf_parser
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from c2w.report.merge import MergeError
 
-        if isinstance(e, (StreamError, BackboneError, FileNotFoundError, MergeError)):
+        if isinstance(e, (StreamError, BackboneError, FileNotFoundError, FileExistsError, MergeError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -189,6 +189,7 @@ class BenchConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "'smollm2' (embedded), 'tiny' (random, for tests), or an HF name/path"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     out: str | None = field(default=None, metadata={"help": "output folder (default runs/bench-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "let --out replace a run already there (else refused before anything runs)"})
     probe_format: str = field(default="raw", metadata={"help": "score probes raw or through the chat template", "choices": ["raw", "chat"]})
     episodes: int | None = field(default=None, metadata={"help": "fictional: episodes"})
     facts_per_episode: int | None = field(default=None, metadata={"help": "fictional: facts per episode"})

@@ -114,3 +114,21 @@ def test_validate_names_a_file_that_is_not_utf8(tmp_path, capsys):
     assert cli.main(["stream", "validate", str(p)]) == 2
     err = capsys.readouterr().err
     assert "UTF-8" in err and "Traceback" not in err
+
+
+def test_bench_never_replaces_an_earlier_run_unasked(tmp_path, capsys, monkeypatch):
+    import c2w.bench
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": 1}')
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded although the run would be refused")
+
+    monkeypatch.setattr(c2w.bench, "load_backbone", boom)
+    assert cli.main(["bench", "--model", "tiny", "--methods", "none", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"earlier": 1}'
+    with pytest.raises(AssertionError, match="model loaded"):  # --overwrite goes ahead
+        cli.main(["bench", "--model", "tiny", "--methods", "none", "--out", str(out), "--overwrite"])

@@ -40,7 +40,7 @@ def test_gate_compute_target_leaves_out_the_one_time_setup():
     assert rows["write compute (FLOPs) vs no-gate"][-1] == "yes"
 
 
-def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path):
+def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, capsys):
     import json
 
     import pytest
@@ -62,3 +62,9 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path):
     assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     assert "c2w-no-gate" in (tmp_path / "m" / "report.md").read_text()
     assert cli.main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2
+    # a merged report may be rewritten; a bench run's own results.json is never replaced unasked
+    assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    before = (tmp_path / "b" / "results.json").read_text()
+    assert cli.main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "b" / "results.json").read_text() == before
+    assert cli.main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--overwrite"]) == 0
