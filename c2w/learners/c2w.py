@@ -28,7 +28,7 @@ from c2w.learners.lora import lora_config
 from c2w.learners.train import epoch_sampler, windows, write_texts
 from c2w.memory.bank import FAST, AdapterBank
 from c2w.memory.buffer import EpisodicBuffer, Entry
-from c2w.memory.gate import cloze_pairs, score_texts, text_signals
+from c2w.memory.gate import cloze_pairs, score_texts, text_signals, trial_pieces
 from c2w.memory.rehearsal import (known_names, neighbour_prompts, openers, rehearsal_loss, sample_rehearsal,
                                    teacher_logprobs)
 from c2w.memory.router import Router, base_hidden
@@ -144,7 +144,7 @@ class C2WLearner(Learner):
         cloze questions, and the trial step (fwd, bwd, fwd) where it ran."""
         n_tok = lambda ts: sum(len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in ts)  # noqa: E731
         scored = [t for t, s in zip(texts, scores) if s.reason != "duplicate"]
-        tried = [t for t, s in zip(texts, scores) if math.isfinite(s.learnability)]
+        tried = [p for t, s in zip(texts, scores) if math.isfinite(s.learnability) for p in trial_pieces(t)]
         total = n_tok(scored) + 3 * n_tok(tried)
         if self.gate_cfg.familiarity == "cloze":
             total += sum(len(self.tokenizer(q + a, add_special_tokens=False).input_ids) for _, q, a in cloze_pairs(scored))
