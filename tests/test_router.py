@@ -162,3 +162,18 @@ def test_a_routed_run_reports_what_was_routed_and_the_unrouted_weights(tiny):
     assert loc["routed_matrix"] == 1.0 and loc["routed_control"] == 0.0 and loc["routed_text"] == 0.0
     assert loc["kl"] == 0.0 and loc["kl_unrouted"] > 0  # the text went to the base; the weights did move
     assert 0.0 <= loc["control_acc_unrouted"] <= 1.0 and 0.0 <= loc["acc_unrouted"] <= 1.0
+
+
+def test_a_routed_c2w_learner_keys_all_of_a_long_text(tiny):
+    """A key pass reads a text's first max_len tokens: a long text is keyed window by window, so a
+    question about its tail still finds its keys."""
+    from c2w.learners.train import windows
+
+    long = " ".join(["The old stone bridge over the valley was rebuilt."] * 6) + " " + WRITTEN
+    cfg = LearnerConfig(lr=1e-3, token_budget=80, batch_size=2, max_len=32, seed=0)
+    learner = C2WLearner(tiny, cfg, C2WConfig(gate=False, paraphrase=False, n_rehearsal=2, router=True, router_calibration=6))
+    learner.observe(0, [Observation("a", 0, long)])
+    wins = windows(tiny.tokenizer, [long], 32)
+    assert len(wins) > 1 and WRITTEN in wins[-1]
+    assert len(learner.router.keys) == sum(len(tiny.tokenizer(w, add_special_tokens=False).input_ids) - 1 for w in wins)
+    assert learner.route(["Where was Quentor Vilsk born?"]) == [True]

@@ -109,8 +109,8 @@ class C2WLearner(Learner):
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)
-        if self.router is not None:
-            self.router.add(self._keys([o.text for o in obs]))
+        if self.router is not None:  # keys of every window: a key pass reads a text's first max_len tokens
+            self.router.add(self._keys(windows(self.tokenizer, [o.text for o in obs], self.cfg.max_len)))
         if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]
