@@ -202,7 +202,7 @@ def trial_pieces(text: str) -> list[str]:
     new facts (252-285 tokens) scored 0.0065-0.0105, all below the 0.011 threshold, and documents
     of 4 facts 0.0096-0.0155 (8 of 18 below); the median over their sentences was 0.019-0.024 and
     0.017-0.032 (none below), and random noise, which has no sentence ends, is tried whole as before."""
-    sents = sentences(text)
+    sents = [s for line in text.splitlines() for s in sentences(line)]  # a line break ends a sentence too
     if len(sents) <= 1:
         return [text]
     n = min(len(sents), TRIAL_SENTENCES)
