@@ -124,6 +124,20 @@ def test_windows_keep_short_texts_whole_and_cut_long_ones_at_sentence_ends(tiny)
     lines = "\n".join(["one line of plain words"] * 40)
     assert "\n".join(windows(tok, [lines], 48)) == lines
 
+    class Slow:  # a tokenizer without offsets (transformers' Python tokenizers): decoded token runs
+        is_fast = False
+
+        def __call__(self, *a, **k):
+            assert "return_offsets_mapping" not in k
+            return tok(*a, **k)
+
+        def decode(self, *a, **k):
+            return tok.decode(*a, **k)
+
+    pieces = windows(Slow(), [short, long], 48)
+    assert pieces[0] is short and "".join("".join(pieces[1:]).split()) == "".join(long.split())  # cut anywhere
+    assert all(len(tok(p, add_special_tokens=False).input_ids) <= 48 for p in pieces)
+
 
 @pytest.mark.parametrize("method", ["lora", "full-ft", "lora-replay"])
 def test_baselines_write_the_tail_of_a_text_longer_than_a_write_step(tiny, method, monkeypatch):

@@ -32,12 +32,15 @@ def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
     split; the pieces together hold the whole text but the whitespace at the cuts."""
     out: list[str] = []
     for t in texts:
-        enc = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
-        n = len(enc.input_ids)
+        ids = tokenizer(t, add_special_tokens=False).input_ids
+        n = len(ids)
         if n <= max_len:
             out.append(t)
             continue
-        starts = [a for a, _ in enc.offset_mapping]
+        if not getattr(tokenizer, "is_fast", False):  # no offsets (a slow tokenizer): decoded token runs
+            out += [p for k in range(0, n, max_len) if (p := tokenizer.decode(ids[k:k + max_len]).strip())]
+            continue
+        starts = [a for a, _ in tokenizer(t, add_special_tokens=False, return_offsets_mapping=True).offset_mapping]
         i = 0
         while i < n:
             j = min(i + max_len, n)
