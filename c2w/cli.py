@@ -69,7 +69,9 @@ def cmd_report(ns) -> int:
 
     results = merge_results([load_results(p) for p in ns.runs], list(ns.runs))
     out = Path(ns.out)
-    if (out / "results.json").exists() and not ns.overwrite and "merged_from" not in load_results(out).get("config", {}):
+    in_place = len(ns.runs) == 1 and Path(ns.runs[0]).resolve() in (out.resolve(), (out / "results.json").resolve())
+    if (out / "results.json").exists() and not (ns.overwrite or in_place) \
+            and "merged_from" not in load_results(out).get("config", {}):
         raise FileExistsError(f"{out} holds a bench run's own results.json, which the merged one would replace; "
                               f"choose another --out, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

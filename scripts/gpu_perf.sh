@@ -25,7 +25,7 @@ run perf 240 $py -m c2w.perf --device cuda --json
 run perf_graphs_write 150 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads write,write_var --repeats 5 --profile 3
 run perf_graphs_decode 180 $py -m c2w.perf --device cuda --json --cuda-graphs --workloads scoring,scoring_chat,decode --profile 3
 modes="eager graph"; [ "${WITH_COMPILE:-0}" = 1 ] && modes="$modes compile"
-for m in $modes; do lim=$(cap 90) || { echo "== cold $m skipped"; continue; }
+for m in $modes; do lim=$(cap 150) || { echo "== cold $m skipped"; continue; }
   timeout "$lim" $py scripts/cold_start.py --mode $m 2>> "$OUT/err.log" | tee -a "$OUT/cold.jsonl"; done
 run perf_64x256 150 $py -m c2w.perf --device cuda --json --batch 64 --seq 256 --workloads write,write_var
 run perf_64x256_graphs 120 $py -m c2w.perf --device cuda --json --batch 64 --seq 256 --cuda-graphs --workloads write,write_var

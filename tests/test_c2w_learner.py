@@ -404,6 +404,7 @@ def test_a_text_of_several_sentences_is_tried_sentence_by_sentence(schooled):
     assert len(pieces) == TRIAL_SENTENCES and pieces[0] == facts[0] and pieces[-1] == facts[-1]
     assert len(set(pieces)) == TRIAL_SENTENCES and trial_pieces(NEW) == [NEW]
     assert trial_pieces("- Arlen lives in Ardon\n- Bosk lives in Brisk\n") == ["- Arlen lives in Ardon", "- Bosk lives in Brisk"]
+    assert trial_pieces("Summary\n" + facts[0] + "\n" + facts[1]) == facts[:2]  # a heading is not tried
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     m, tok, params, lr = bank.model, schooled.tokenizer, bank.fast_params(), GateConfig().trial_lr
     each = sorted(learnability(m, tok, params, p, lr)[0] for p in pieces)

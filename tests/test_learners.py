@@ -123,6 +123,13 @@ def test_windows_keep_short_texts_whole_and_cut_long_ones_at_sentence_ends(tiny)
     assert "".join(pieces) == run_on and all(len(tok(p, add_special_tokens=False).input_ids) <= 48 for p in pieces)
     lines = "\n".join(["one line of plain words"] * 40)
     assert "\n".join(windows(tok, [lines], 48)) == lines
+    # a full stop inside a number or a name is no sentence end
+    rates = " ".join(f"The rate at station {i} rose to 11.5 units per day in www.example.com records." for i in range(12))
+    assert not any(p.endswith(("11.", "www.example.")) for p in windows(tok, [rates], 48))
+    # characters of several byte tokens are never cut in two: nothing lost, no window over the limit
+    cjk = "洛阳城东路旁散去的人又回来了。" * 3 + "鬰鬱麤齉爨驫纛" * 20
+    pieces = windows(tok, [cjk], 48)
+    assert "".join(pieces) == cjk and all(len(tok(p, add_special_tokens=False).input_ids) <= 48 for p in pieces)
 
     class Slow:  # a tokenizer without offsets (transformers' Python tokenizers): decoded token runs
         is_fast = False

@@ -67,4 +67,5 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     before = (tmp_path / "b" / "results.json").read_text()
     assert cli.main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "b" / "results.json").read_text() == before
+    assert cli.main(["report", str(tmp_path / "b"), "--out", str(tmp_path / "b")]) == 0  # one run, re-rendered in place
     assert cli.main(["report", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--overwrite"]) == 0

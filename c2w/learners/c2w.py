@@ -240,7 +240,7 @@ class C2WLearner(Learner):
         """The base's hidden states of written texts at the router's block; the write pays for a
         forward over the first router_layer blocks. (Routing a question at answer time is inference
         cost: it shows in the probe latency, not in the write budget.)"""
-        hid = base_hidden(self.bank.model, self.tokenizer, texts, self.router.layer)
+        hid = base_hidden(self.bank.model, self.tokenizer, texts, self.router.layer, max_len=self.cfg.max_len)
         self.cost.add(self.flops_fwd * self._key_fraction() * sum(len(h) + 1 for h in hid), "keys")
         return hid
 

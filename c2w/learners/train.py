@@ -22,6 +22,7 @@ def collate(tokenizer, texts: Sequence[str], max_len: int, device) -> tuple[torc
 
 
 _ENDS = set(".!?。！？")
+_CJK_ENDS = set("。！？")  # need no space after them
 
 
 def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
@@ -30,6 +31,8 @@ def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
     whole, untouched. A longer one is cut at a token boundary, moved back to the last sentence
     end (or line break) in the window's second half when there is one, so a sentence is rarely
     split; the pieces together hold the whole text but the whitespace at the cuts."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     out: list[str] = []
     for t in texts:
         ids = tokenizer(t, add_special_tokens=False).input_ids
@@ -46,6 +49,8 @@ def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
             j = min(i + max_len, n)
             if j < n:
                 j = next((k for k in range(j, i + max_len // 2, -1) if _starts_sentence(t, starts, k)), j)
+                while j > i + 1 and starts[j] == starts[j - 1]:  # never inside a character of several byte tokens
+                    j -= 1
             piece = (t[starts[i]:starts[j]] if j < n else t[starts[i]:]).strip()
             if piece:
                 out.append(piece)
@@ -54,10 +59,12 @@ def windows(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
 
 
 def _starts_sentence(t: str, starts: list[int], k: int) -> bool:
-    """Token k starts a sentence: the token before it ends in . ! ? (or their CJK forms), or a line
-    break comes between them."""
-    before = t[starts[k - 1]:starts[k]]
-    return before.rstrip()[-1:] in _ENDS or "\n" in before or t[starts[k]:starts[k] + 1] == "\n"
+    """Token k starts a sentence: the token before it ends in . ! ? followed by a space (not "11.5"
+    or "example.com"), or in a CJK full stop, or a line break comes between them."""
+    before, first = t[starts[k - 1]:starts[k]], t[starts[k]:starts[k] + 1]
+    end = before.rstrip()[-1:]
+    spaced = before[-1:].isspace() or first.isspace()
+    return (end in _ENDS and (spaced or end in _CJK_ENDS)) or "\n" in before or first == "\n"
 
 
 # Below this many passes over the text a learner observes, `c2w bench` and `c2w learn` warn. The

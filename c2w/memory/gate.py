@@ -3,7 +3,7 @@
 Signals per text (on the current model, fast + slow adapters active; familiarity, compressibility and
 uncertainty on the frozen base by default, `familiarity_on_base`):
 - surprise: mean next-token NLL of the text on the current model (from the trial step's forward; nan
-  for a text turned away before the trial);
+  for a text turned away before the trial; a text of several sentences: the mean over those tried);
 - familiarity: how predictable the text's content is, three rules (`GateConfig.familiarity`):
   - `cloze` (default, on the frozen base): the largest summed NLL of a name or number asked for
     from the rest of its sentence ("Question: What is the capital city of Uganda?\nAnswer:" ->
@@ -193,6 +193,7 @@ def learnability(model, tokenizer, params: list[torch.Tensor], text: str, lr: fl
 
 
 TRIAL_SENTENCES = 8  # a long text's trial steps: at most this many of its sentences, evenly spaced
+MIN_TRIAL_CHARS = 12  # shorter lines and sentences (headings, "Notes:") are not tried
 
 
 def trial_pieces(text: str) -> list[str]:
@@ -203,6 +204,7 @@ def trial_pieces(text: str) -> list[str]:
     of 4 facts 0.0096-0.0155 (8 of 18 below); the median over their sentences was 0.019-0.024 and
     0.017-0.032 (none below), and random noise, which has no sentence ends, is tried whole as before."""
     sents = [s for line in text.splitlines() for s in sentences(line)]  # a line break ends a sentence too
+    sents = [s for s in sents if len(s) >= MIN_TRIAL_CHARS] or sents  # a heading ("Summary") says nothing
     if len(sents) <= 1:
         return [text]
     n = min(len(sents), TRIAL_SENTENCES)
