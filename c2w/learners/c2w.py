@@ -103,14 +103,15 @@ class C2WLearner(Learner):
             with self.bank.model.disable_adapter():  # the base rewrites; grounding filter in views.py
                 para = paraphrases(self.bank.model, self.tokenizer, [o.text for o in obs])
             self.cost.add(self.flops_fwd * 80 * len(obs), "views")
+        raw = [windows(self.tokenizer, [o.text], self.cfg.max_len) for o in obs]  # what a write step reaches of each
         entries = [Entry(o.id, episode, o.text, build_views(o.text, p, self.c2w.recombination, self.c2w.view_style,
-                                                            self.c2w.end_words, windows(self.tokenizer, [o.text], self.cfg.max_len)))
-                   for o, p in zip(obs, para)]
+                                                            self.c2w.end_words, r))
+                   for o, p, r in zip(obs, para, raw)]
         for e in entries:
             self.buffer.add(e)
         self.written_ids.update(o.id for o in obs)
         if self.router is not None:  # keys of every window: a key pass reads a text's first max_len tokens
-            self.router.add(self._keys(windows(self.tokenizer, [o.text for o in obs], self.cfg.max_len)))
+            self.router.add(self._keys([w for r in raw for w in r]))
         if self.c2w.neighbour_rehearsal and self.rehearsal is not None:
             self._add_neighbours([o.text for o in obs])
         views = [v for e in entries for v in e.views]

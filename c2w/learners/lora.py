@@ -49,6 +49,10 @@ class LoraLearner(Learner):
                                self.cfg.token_budget, self.cfg.max_len, self.cost, self.flops_per_token,
                                self.cfg.progress_points, bf16=self.cfg.bf16_writes)
         self.written_ids.update(o.id for o in observations if o.text.strip())
+        self.keep(texts)
+
+    def keep(self, texts: list[str]) -> None:
+        """After a write: what this method stores of the texts it wrote (lora: nothing)."""
 
     @property
     def model(self):

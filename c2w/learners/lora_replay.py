@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from c2w.learners.lora import LoraLearner
-from c2w.learners.train import epoch_sampler, windows
+from c2w.learners.train import epoch_sampler
 
 
 class LoraReplayLearner(LoraLearner):
@@ -25,10 +25,9 @@ class LoraReplayLearner(LoraLearner):
 
         return sample
 
-    def observe_steps(self, episode, observations):
-        yield from super().observe_steps(episode, observations)
+    def keep(self, texts: list[str]) -> None:
         # reservoir sampling keeps a uniform sample of everything seen (a long text's windows, each)
-        for text in windows(self.tokenizer, [o.text for o in observations if o.text.strip()], self.cfg.max_len):
+        for text in texts:
             self.seen += 1
             if len(self.buffer) < self.cfg.buffer_size:
                 self.buffer.append(text)

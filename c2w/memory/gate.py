@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -215,10 +216,7 @@ def text_learnability(model, tokenizer, params: list[torch.Tensor], text: str, l
     """`learnability` of a text: the median over its `trial_pieces` of the relative NLL drop, and
     the mean of their NLLs before the step (one piece: exactly `learnability` of the text)."""
     runs = [learnability(model, tokenizer, params, p, lr) for p in trial_pieces(text)]
-    drops = sorted(d for d, _ in runs)
-    mid = len(drops) // 2
-    median = drops[mid] if len(drops) % 2 else (drops[mid - 1] + drops[mid]) / 2
-    return median, sum(nll for _, nll in runs) / len(runs)
+    return statistics.median(d for d, _ in runs), sum(nll for _, nll in runs) / len(runs)
 
 
 def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], cfg: GateConfig) -> list[GateScore]:
