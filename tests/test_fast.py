@@ -483,3 +483,35 @@ def test_a_row_done_early_stays_inside_the_cache(models, graphs, monkeypatch):
             assert D._greedy(p, seqs, [M] * B, None, cache, None, first) == ref
     finally:
         D.clear_graphs()
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_scoring_skips_pad_slots_bit_for_bit(models, tiny, fold):
+    """Prefill and teacher forcing run their matmuls on the real tokens only, not on the pad slots of
+    the packed (prefill) or padded (extend) rows: each real token's state is exactly what the padded
+    computation gives it (fp32), with and without a shared prefix."""
+    m, tok = models["two-adapters"], tiny.tokenizer
+    p = llama.plan(m, fold=fold)
+    seqs = [tok(x, add_special_tokens=False).input_ids for x in PROMPTS]
+    with torch.no_grad():
+        pk = llama.pack(seqs, "cpu")
+        slots = torch.tensor([pk.starts[k] + j for k, n in enumerate(pk.lengths) for j in range(n)])
+        assert len(slots) < pk.ids.numel()  # there are pad slots to skip
+        assert torch.equal(llama.hidden(p, pk, real=slots), llama.hidden(p, pk)[slots])
+        pre = [None] * len(p.layers)
+        llama.hidden(p, llama.pack([seqs[1][:4]], "cpu"), lambda i, k, v: pre.__setitem__(i, (k, v)))
+        assert torch.equal(llama.hidden(p, pk, pre=pre, real=slots), llama.hidden(p, pk, pre=pre)[slots])
+        # extend, teacher-forced: row r's tokens alone (no padding) against all rows padded together
+        cache = D.Cache(p, 3, 40)
+        D.prefill(p, seqs[:3], cache)
+        start = torch.tensor([len(s) for s in seqs[:3]])
+        toks = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 11, 12]])
+        valid = toks > 0
+        h = D.extend(p, cache, toks, start, valid, False)
+        assert (h[~valid] == 0).all()
+        for r in range(3):
+            n = int(valid[r].sum())
+            sub = D.Cache.__new__(D.Cache)
+            sub.k, sub.v = [t[r:r + 1] for t in cache.k], [t[r:r + 1] for t in cache.v]
+            one = D.extend(p, sub, toks[r:r + 1, :n], start[r:r + 1], valid[r:r + 1, :n], False)
+            assert torch.allclose(one[0], h[r, :n], atol=1e-6)

@@ -93,8 +93,12 @@ def prefill(p: llama.Plan, seqs: list[list[int]], cache: Cache) -> torch.Tensor:
         cache.k[i][row, :, col] = k.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
         cache.v[i][row, :, col] = v.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
 
-    h = llama.hidden(p, pk, put, pre)
-    last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
+    if R * C == len(src):  # no pad slots
+        h = llama.hidden(p, pk, put, pre)
+        last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
+    else:  # the layers' matmuls skip the pad slots; h [N, d] in sequence order
+        h = llama.hidden(p, pk, put, pre, src)
+        last = torch.tensor(pk.lengths, device=dev).cumsum(0) - 1
     return h.index_select(0, last)
 
 
@@ -120,11 +124,19 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         old = (key[None, :] < start[:, None])[:, None, :].expand(B, S, Lc)
         new = (j[None, :] <= j[:, None])[None] & (valid[:, None, :] | (j[None, :] == j[:, None])[None])
         mask = torch.cat([old, new], -1)[:, None]  # [B, 1, S, Lc + S]
-    h = llama.embed(p, toks).view(B * S, -1)
+    # teacher forcing pads rows to the longest: the matmuls run on the valid tokens only (as in prefill)
+    real = None if write else valid.flatten().nonzero().squeeze(1)
+    if real is not None and len(real) == B * S:
+        real = None
+    at = None if real is None else (real // S, real % S)  # each valid token's (row, slot)
+    h = llama.embed(p, toks).view(B * S, -1) if real is None else llama.embed(p, toks.view(-1).index_select(0, real))
     cos, sin = llama.cos_sin(p, pos)
     for i, L in enumerate(p.layers):
         x = llama.rms(h, L.ln1, p.eps)
-        q, k, v = L.qkv(x).view(B, S, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
+        qkv = L.qkv(x)
+        if real is not None:  # back to [B*S, F], pad slots zero
+            qkv = qkv.new_zeros(B * S, qkv.shape[1]).index_copy_(0, real, qkv)
+        q, k, v = qkv.view(B, S, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
         q, k = llama.rope(q, cos, sin), llama.rope(k, cos, sin)
         if write:
             cache.k[i][rows, :, pos] = k.transpose(1, 2)
@@ -135,11 +147,15 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
                 kv_new(i, k, v)
             kk = torch.cat([cache.k[i][:, :, :Lc], k], 2)
             vv = torch.cat([cache.v[i][:, :, :Lc], v], 2)
-        o = llama.attend(q, kk, vv, mask, False).transpose(1, 2).reshape(B * S, H * D)
+        o = llama.attend(q, kk, vv, mask, False).transpose(1, 2)  # [B, S, H, D]
+        o = o.reshape(B * S, H * D) if at is None else o[at].view(-1, H * D)
         h = h + L.o(o)
         g, u = L.gu(llama.rms(h, L.ln2, p.eps)).chunk(2, -1)
         h = h + L.down(F.silu(g) * u)
-    return llama.rms(h, p.norm, p.eps).view(B, S, -1)
+    h = llama.rms(h, p.norm, p.eps)
+    if real is not None:  # pad slots zero
+        h = h.new_zeros(B * S, h.shape[1]).index_copy_(0, real, h)
+    return h.view(B, S, -1)
 
 
 def _greedy(p: llama.Plan, seqs: list[list[int]], max_new: list[int], eos: int | None,
@@ -328,17 +344,23 @@ def _answer_lp(p: llama.Plan, cache: Cache, rows: list[int], pre: list[list[int]
     kv: list = [None] * len(p.layers)
     hook = (lambda i, k, v: kv.__setitem__(i, (k, v))) if any(draft) else None
     h = extend(p, sub, toks.to(dev), start, inp.to(dev), False, kv_new=hook)
+    # one head pass over every position read: the answer's targets (log-probs) and, on draft rows,
+    # every input token (greedy's choice after it: the exact argmax of the same logits)
+    dr = [r for r, d in enumerate(draft) if d]
+    extra = torch.zeros_like(inp)
+    extra[dr] = inp[dr] & ~tv[dr]
     tv = tv.to(dev)
-    sel = tv.flatten().nonzero().squeeze(1)
-    z = p.head(h.reshape(-1, h.shape[-1]).index_select(0, sel)).float()
-    lp = torch.log_softmax(z, -1).gather(1, tgt.to(dev).flatten()[sel][:, None]).squeeze(1)
+    sel = tv.flatten().nonzero().squeeze(1)  # the targets' slots: z's first rows
+    used = torch.cat([sel, extra.flatten().nonzero().squeeze(1).to(dev)])
+    z = p.head(h.reshape(-1, h.shape[-1]).index_select(0, used)).float()  # [n_used, V]
+    lp = torch.log_softmax(z[:len(sel)], -1).gather(1, tgt.to(dev).flatten()[sel][:, None]).squeeze(1)
     for k, v in zip(out_idx, torch.split(lp, tv.sum(1).tolist())):
         res[k] = v.mean().item()
     confirmed: dict[int, list[int]] = {}
-    if not any(draft):
+    if not dr:
         return confirmed
-    dr = [r for r, d in enumerate(draft) if d]
-    g = llama.next_token(p, h[dr]).tolist()  # [n_draft, S]: greedy's choice after each input token
+    best = dict(zip(used.tolist(), z.argmax(-1).tolist()))  # flat slot -> greedy's choice after its token
+    g = [[best[r * S + j] for j in range(len(seqs[r]))] for r in dr]
     for r, gr in zip(dr, g):
         a = ans[r]
         m = 0

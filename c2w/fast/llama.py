@@ -485,18 +485,23 @@ _compiled = None
 
 
 def block(h, L: Layer, cos, sin, mask, R: int, C: int, H: int, Hk: int, D: int, eps: float, kv_out=None, i: int = 0,
-          pre=None):
+          pre=None, real=None):
     """One decoder layer on flat hidden [R*C, d] of packed rows. pre: this layer's (k, v) [1, Hkv, P, D]
-    of a prefix that every row continues (mask then covers P + C keys)."""
+    of a prefix that every row continues (mask then covers P + C keys). real: (slots [N], row [N], col
+    [N]) of the real tokens, h then [N, d]: see `hidden`."""
     x = rms(h, L.ln1, eps)
-    q, k, v = L.qkv(x).view(R, C, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
+    qkv = L.qkv(x)
+    if real is not None:  # [N, F] -> the packed rows' slots [R*C, F], pad slots zero (no NaN reaches p @ v)
+        qkv = qkv.new_zeros(R * C, qkv.shape[1]).index_copy_(0, real[0], qkv)
+    q, k, v = qkv.view(R, C, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     if kv_out is not None:
         kv_out(i, k, v)
     if pre is not None:
         k = torch.cat([pre[0].expand(R, -1, -1, -1), k], 2)
         v = torch.cat([pre[1].expand(R, -1, -1, -1), v], 2)
-    o = attend(q, k, v, mask, True).transpose(1, 2).reshape(R * C, H * D)
+    o = attend(q, k, v, mask, True).transpose(1, 2)  # [R, C, H, D]
+    o = o.reshape(R * C, H * D) if real is None else o[real[1], real[2]].view(-1, H * D)
     h = h + L.o(o)
     g, u = L.gu(rms(h, L.ln2, eps)).chunk(2, -1)
     return h + L.down(F.silu(g) * u)
@@ -511,12 +516,20 @@ def _block_fn():
     return _compiled
 
 
-def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
+def hidden(p: Plan, pk: Packed, kv_out=None, pre=None, real: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states [R*C, d] of packed rows. kv_out(layer, k, v) receives each layer's
     post-rope keys/values [R, Hkv, C, D] (to fill a decode cache). pre: per-layer (k, v) of a shared
-    prefix of P tokens that every packed sequence continues (positions in pk then start at 0 after it)."""
+    prefix of P tokens that every packed sequence continues (positions in pk then start at 0 after it).
+    real: flat slots [N] of the tokens to compute (inference: the real ones): norms, projections and the
+    MLP then run on those N rows, not on all R*C slots, and the result is [N, d] in that order; only
+    attention sees the packed rows. A row's result does not depend on the others in the matmul (checked
+    bit for bit on the dev machine for 2+ rows), so the real tokens' states stay exactly as without it."""
     R, C = pk.ids.shape
-    h = embed(p, pk.ids).view(R * C, -1)
+    if real is not None:
+        h = embed(p, pk.ids.view(-1).index_select(0, real))
+        real = (real, real // C, real % C)
+    else:
+        h = embed(p, pk.ids).view(R * C, -1)
     mask, pos = pk.mask, pk.pos
     if pre is not None:
         P = pre[0][0].shape[2]
@@ -527,7 +540,7 @@ def hidden(p: Plan, pk: Packed, kv_out=None, pre=None) -> torch.Tensor:
     fn = block if kv_out is not None or pre is not None else _block_fn()
     for i, L in enumerate(p.layers):
         h = fn(h, L, cos, sin, mask, R, C, p.n_heads, p.n_kv, p.head_dim, p.eps, kv_out, i,
-               None if pre is None else pre[i])
+               None if pre is None else pre[i], real)
     return rms(h, p.norm, p.eps)
 
 
