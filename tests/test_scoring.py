@@ -57,3 +57,25 @@ def test_format_prompts(tiny):
 ])
 def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
     assert is_correct(cont, answer) is correct
+
+
+@pytest.mark.parametrize("cont, answer, correct", [
+    (" -5 degrees", "5", False),        # a sign is part of the number
+    (" 5 degrees", "-5", False),
+    (" −5 degrees", "-5", True),        # U+2212 minus is "-"
+    (" It fell to -5.", "-5", True),    # a full stop after it still ends the sentence
+    (" 3.5 million", "3", False),       # a decimal point is part of the number
+    (" 3.5 million", "3.5", True),
+    (" 2,500 people", "2500", True),    # thousands separators do not matter
+    (" 2500 people", "2,500", True),
+    (" 1,000,000 people", "1000000", True),
+    (" 1,5 litres", "15", False),       # a decimal comma is not a thousands separator
+    (" from 1990-1995", "1995", True),  # a range splits at its hyphen
+    (" born in 1887.", "1887", True),
+])
+def test_numbers_keep_their_signs_and_decimals(cont, answer, correct):
+    assert is_correct(cont, answer) is correct
+
+
+def test_normalise_ignores_a_nul_in_the_text():
+    assert normalise("a\x00-5 b\x00") == "a -5 b"

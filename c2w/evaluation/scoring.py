@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from c2w.fast import decode_and_logprobs, greedy_decode
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
+# punctuation that is part of a number, kept as it is before the rest goes: a decimal point or comma
+# between digits ("3.5" is not "3", "1,5" not "15"), and a minus sign at a number's start ("-5" is not
+# "5"; U+2212 becomes "-"). A comma before exactly three digits groups thousands: dropped ("2,500" is
+# "2500"). A hyphen between digits ("1990-1995") is a range: it still splits
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER_MARK = re.compile(r"(?<=\d)[.,](?=\d)|(?<![\w.,-])-(?=\d)")
+_KEEP = "\x00"  # a placeholder for a kept mark, outside every punctuation class
 
 
 def _cjk(c: str) -> bool:
@@ -26,11 +33,18 @@ def _cjk(c: str) -> bool:
 
 
 def normalise(s: str) -> str:
-    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, each
-    CJK character spaced as a word of its own, whitespace collapsed."""
-    s = _PUNCT.sub(" ", unicodedata.normalize("NFKC", s).lower())
+    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, except
+    the marks that belong to a number (`_NUMBER_MARK`), each CJK character spaced as a word of its own,
+    whitespace collapsed."""
+    s = unicodedata.normalize("NFKC", s).lower().replace("\u2212", "-").replace(_KEEP, " ")
+    s = _THOUSANDS.sub("", s)
+    marks = [m.group() for m in _NUMBER_MARK.finditer(s)]
+    s = _PUNCT.sub(" ", _NUMBER_MARK.sub(_KEEP, s))
     if not s.isascii():
         s = "".join(" " if unicodedata.category(c)[0] == "P" else f" {c} " if _cjk(c) else c for c in s)
+    if marks:
+        it = iter(marks)
+        s = re.sub(_KEEP, lambda _: next(it), s)
     return " ".join(s.split())
 
 
