@@ -405,7 +405,8 @@ def run_perf(device: str = "cpu", batch: int | None = None, seq: int | None = No
                                 model="SmolLM2-135M" + (" (real weights)" if real_weights else " shape, random init")
                                 if shape == "smollm2" else "tiny", params=n_params, lora=lora_kw, repeats=repeats,
                                 threads=torch.get_num_threads(), torch=torch.__version__, compile=bool(compile),
-                                cuda_graphs=decode.CUDA_GRAPHS, bf16_writes=bool(bf16_writes) and dev.type == "cpu",
+                                cuda_graphs=decode.CUDA_GRAPHS, graph_tokens=decode.GRAPH_TOKENS if decode.CUDA_GRAPHS else None,
+                                bf16_writes=bool(bf16_writes) and dev.type == "cpu",
                                 bf16_scoring=bool(bf16_scoring) and dev.type == "cpu",
                                 plain_bf16=bool(plain_bf16) and dev.type == "cpu", profile_steps=profile,
                                 matmul_peak_gflops=matmul_peak(dev, dtype, n_gemm) / 1e9, load_s=load_s))
