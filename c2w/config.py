@@ -179,6 +179,9 @@ PRESETS = {
 }
 
 
+GENERATOR_ONLY = ("episodes", "facts_per_episode", "update_fraction", "stress")  # BenchConfig: fictional only
+
+
 @dataclass
 class BenchConfig:
     stream: str = field(default="fictional", metadata={"help": "'fictional' (built-in generator) or a JSONL stream path"})
@@ -205,8 +208,17 @@ class BenchConfig:
     validation_seed: int = field(default=FIRST_VALIDATION_SEED, metadata={"help": "seed used only to choose hyperparameters, never reported"})
 
     def resolved(self) -> "BenchConfig":
-        """Fill every None from the preset."""
+        """Fill every None from the preset. With a stream file the generator's options stay unset (None,
+        stress 0): the file sets its own episodes and facts, and a results.json must not record sizes
+        that did not apply; giving one of them with a file is an error (it would change nothing)."""
         p = PRESETS[self.preset]
+        if self.stream != "fictional":
+            given = [k for k in GENERATOR_ONLY if getattr(self, k) not in (None, 0)]
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"{flags} shape the built-in generator's stream only; {self.stream} brings its own "
+                                 f"episodes and facts (drop {flags})")
+            p = {k: v for k, v in p.items() if k not in GENERATOR_ONLY}
         return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) is None})
 
     def reported_seeds(self) -> list[int]:

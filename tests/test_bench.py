@@ -5,6 +5,7 @@ import json
 import pytest
 
 from c2w.bench import BenchConfig, bench
+from c2w.config import GENERATOR_ONLY
 from c2w.learners import BASELINES
 
 TIMING = {"wall_s", "train_s", "setup_s", "peak_mem_mb", "probe_latency_ratio"}
@@ -13,6 +14,8 @@ TIMING = {"wall_s", "train_s", "setup_s", "peak_mem_mb", "probe_latency_ratio"}
 def tiny_cfg(out, **kw) -> BenchConfig:
     base = dict(model="tiny", device="cpu", seeds=2, episodes=2, facts_per_episode=3, controls=2, general_texts=2,
                 token_budget=60, progress_points=1, out=str(out), stress=1)
+    if kw.get("stream", "fictional") != "fictional":  # a file brings its own episodes and facts
+        base = {k: v for k, v in base.items() if k not in GENERATOR_ONLY}
     return BenchConfig(**{**base, **kw})
 
 
@@ -144,6 +147,15 @@ def test_a_stream_file_is_never_tuned_on(tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "--lr-search skipped" in cap.out + cap.err
     assert res["config"]["texts_over_max_len"] == {0: (0, 128)} and "longer than" not in cap.out + cap.err
+    # the generator's sizes did not apply to the file: none recorded
+    assert all(res["config"][k] in (None, 0) for k in GENERATOR_ONLY)
+
+
+def test_generator_flags_with_a_stream_file_are_refused(tmp_path):
+    cfg = BenchConfig(stream=str(tmp_path / "s.jsonl"), episodes=3, stress=2)
+    with pytest.raises(ValueError, match="--episodes, --stress shape the built-in generator"):
+        cfg.resolved()
+    assert BenchConfig(stream="fictional", episodes=3).resolved().facts_per_episode == 4  # the preset fills the rest
 
 
 def test_texts_longer_than_a_write_step_keeps_are_reported(tmp_path, capsys):
