@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from c2w.fast import llama
 
 DRAFT = True  # decode_and_logprobs: the answer serves as greedy's draft (exact: verified by the same pass)
+# Scoring skips pad slots (prefill, teacher forcing) and takes one head pass for log-probs and drafts only
+# where every matmul involved has at least this many rows. On the dev machine's CPU, fp32 matmul rows
+# come out bit for bit the same whatever the other rows from 12 rows up (below, 1-3 rows on 1 thread,
+# and any count not a multiple of 4 under 12 on 2, differ in the last bits): so the evaluator's numbers
+# stay exactly as they were with and without the saving there (elsewhere: within fp32 rounding)
+EXACT_ROWS = 16
 MERGE_MIN_TOKENS = 256  # fold LoRA into the weights for calls that process at least this many tokens
 
 
@@ -93,7 +99,7 @@ def prefill(p: llama.Plan, seqs: list[list[int]], cache: Cache) -> torch.Tensor:
         cache.k[i][row, :, col] = k.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
         cache.v[i][row, :, col] = v.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
 
-    if R * C == len(src):  # no pad slots
+    if R * C == len(src) or len(src) < EXACT_ROWS:  # no pad slots (or too few rows: see EXACT_ROWS)
         h = llama.hidden(p, pk, put, pre)
         last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
     else:  # the layers' matmuls skip the pad slots; h [N, d] in sequence order
@@ -106,7 +112,8 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
            write: bool, static: bool = False, kv_new=None) -> torch.Tensor:
     """Run S new tokens per row [B, S] at positions start_b + j, attending to cache positions
     < start_b and causally to each other. write=True stores their keys/values in the cache (decode);
-    write=False leaves it as it was (teacher forcing). Returns final-norm hidden [B, S, d].
+    write=False leaves it as it was (teacher forcing; from EXACT_ROWS valid tokens the projections skip
+    the slots not valid, whose returned states are then zeros). Returns final-norm hidden [B, S, d].
     static=True (write only) attends over the whole cache length under the mask: fixed shapes, no
     host sync, so the step can be captured in a CUDA graph."""
     B, S = toks.shape
@@ -126,7 +133,7 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         mask = torch.cat([old, new], -1)[:, None]  # [B, 1, S, Lc + S]
     # teacher forcing pads rows to the longest: the matmuls run on the valid tokens only (as in prefill)
     real = None if write else valid.flatten().nonzero().squeeze(1)
-    if real is not None and len(real) == B * S:
+    if real is not None and (len(real) == B * S or len(real) < EXACT_ROWS):
         real = None
     at = None if real is None else (real // S, real % S)  # each valid token's (row, slot)
     h = llama.embed(p, toks).view(B * S, -1) if real is None else llama.embed(p, toks.view(-1).index_select(0, real))
@@ -361,23 +368,31 @@ def _answer_lp(p: llama.Plan, cache: Cache, rows: list[int], pre: list[list[int]
     kv: list = [None] * len(p.layers)
     hook = (lambda i, k, v: kv.__setitem__(i, (k, v))) if any(draft) else None
     h = extend(p, sub, toks.to(dev), start, inp.to(dev), False, kv_new=hook)
-    # one head pass over every position read: the answer's targets (log-probs) and, on draft rows,
-    # every input token (greedy's choice after it: the exact argmax of the same logits)
     dr = [r for r, d in enumerate(draft) if d]
-    extra = torch.zeros_like(inp)
-    extra[dr] = inp[dr] & ~tv[dr]
     tv = tv.to(dev)
-    sel = tv.flatten().nonzero().squeeze(1)  # the targets' slots: z's first rows
-    used = torch.cat([sel, extra.flatten().nonzero().squeeze(1).to(dev)])
-    z = p.head(h.reshape(-1, h.shape[-1]).index_select(0, used)).float()  # [n_used, V]
+    sel = tv.flatten().nonzero().squeeze(1)  # the targets' slots
+    hf = h.reshape(-1, h.shape[-1])
+    # one head pass over every position read: the targets and, on draft rows, every input token
+    # (greedy's choice after it: the argmax of the same logits, what next_token takes from an uncast
+    # plan; a cast plan's next_token picks among bf16 candidates, so its drafts keep using it)
+    one = p.head_lp is None and len(sel) >= EXACT_ROWS and (not dr or len(dr) * S >= EXACT_ROWS)
+    used = sel
+    if one and dr:
+        extra = torch.zeros_like(inp)
+        extra[dr] = inp[dr] & ~tv.cpu()[dr]
+        used = torch.cat([sel, extra.flatten().nonzero().squeeze(1).to(dev)])
+    z = p.head(hf.index_select(0, used)).float()  # [n_used, V]: the targets' rows first
     lp = torch.log_softmax(z[:len(sel)], -1).gather(1, tgt.to(dev).flatten()[sel][:, None]).squeeze(1)
     for k, v in zip(out_idx, torch.split(lp, tv.sum(1).tolist())):
         res[k] = v.mean().item()
     confirmed: dict[int, list[int]] = {}
     if not dr:
         return confirmed
-    best = dict(zip(used.tolist(), z.argmax(-1).tolist()))  # flat slot -> greedy's choice after its token
-    g = [[best[r * S + j] for j in range(len(seqs[r]))] for r in dr]
+    if one:
+        best = dict(zip(used.tolist(), z.argmax(-1).tolist()))  # flat slot -> greedy's choice after its token
+        g = [[best[r * S + j] for j in range(len(seqs[r]))] for r in dr]
+    else:
+        g = llama.next_token(p, h[dr]).tolist()  # [n_draft, S]: greedy's choice after each input token
     for r, gr in zip(dr, g):
         a = ans[r]
         m = 0

@@ -522,8 +522,8 @@ def hidden(p: Plan, pk: Packed, kv_out=None, pre=None, real: torch.Tensor | None
     prefix of P tokens that every packed sequence continues (positions in pk then start at 0 after it).
     real: flat slots [N] of the tokens to compute (inference: the real ones): norms, projections and the
     MLP then run on those N rows, not on all R*C slots, and the result is [N, d] in that order; only
-    attention sees the packed rows. A row's result does not depend on the others in the matmul (checked
-    bit for bit on the dev machine for 2+ rows), so the real tokens' states stay exactly as without it."""
+    attention sees the packed rows. The real tokens' states are those of the padded computation up to
+    fp32 rounding (bit for bit on the dev machine from 12 rows: decode.EXACT_ROWS)."""
     R, C = pk.ids.shape
     if real is not None:
         h = embed(p, pk.ids.view(-1).index_select(0, real))
