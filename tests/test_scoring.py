@@ -72,10 +72,29 @@ def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
     (" 1,5 litres", "15", False),       # a decimal comma is not a thousands separator
     (" from 1990-1995", "1995", True),  # a range splits at its hyphen
     (" born in 1887.", "1887", True),
+    (" 気温は-5度", "-5", True),          # a sign after a CJK character
+    (" 気温は-5度", "5", False),
+    (" the point (1,-5)", "-5", True),
+    (" –5 degrees", "-5", True),         # an en dash as a minus
+    (" 0.5 litres", ".5", True),         # ".5" is "0.5"
+    (" .5 litres", "5", False),
+    (" 1,234.5 km", "1234.5", True),
+    (" The scores were 1,2,3", "2", True),  # lists, dates and versions still split
+    (" In 1990,1991", "1991", True),
+    (" on 12.05.2020", "2020", True),
+    (" rev. 3.2.1", "3.2", False),
+    (" In 2019,500 died", "500", True),  # not a thousands number: 2019 has four digits
+    (" x-5", "5", True),                 # after a letter: a hyphen, not a sign
+    (" 1e-5", "1e", True),
 ])
 def test_numbers_keep_their_signs_and_decimals(cont, answer, correct):
     assert is_correct(cont, answer) is correct
 
 
-def test_normalise_ignores_a_nul_in_the_text():
-    assert normalise("a\x00-5 b\x00") == "a -5 b"
+def test_normalise_ignores_placeholders_in_the_text():
+    assert normalise("a\x00-5 b\x01") == "a -5 b"
+
+
+def test_word_sets_of_gate_and_rag_split_numbers_as_before():
+    """The gate's novelty and RAG's retrieval were chosen with numbers split at every mark."""
+    assert normalise("It was -3.5 or 2,500.", numbers=False) == "it was 3 5 or 2 500"

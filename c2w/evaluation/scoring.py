@@ -16,13 +16,18 @@ from dataclasses import dataclass
 from c2w.fast import decode_and_logprobs, greedy_decode
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
-# punctuation that is part of a number, kept as it is before the rest goes: a decimal point or comma
-# between digits ("3.5" is not "3", "1,5" not "15"), and a minus sign at a number's start ("-5" is not
-# "5"; U+2212 becomes "-"). A comma before exactly three digits groups thousands: dropped ("2,500" is
-# "2500"). A hyphen between digits ("1990-1995") is a range: it still splits
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_NUMBER_MARK = re.compile(r"(?<=\d)[.,](?=\d)|(?<![\w.,-])-(?=\d)")
-_KEEP = "\x00"  # a placeholder for a kept mark, outside every punctuation class
+# Numbers keep the marks that are part of them; every other punctuation mark becomes a space:
+# - a decimal point: a run of digits with one "." inside ("3.5" is not "3"; ".5" is "0.5");
+# - thousands commas ("2,500" and "1,234.5"): dropped, so "2,500" is "2500";
+# - any other run of digits joined by "." or "," splits there, as before: lists ("1,2,3"), dates
+#   ("12.05.2020"), versions ("3.2.1"), and decimal commas ("0,5": ambiguous with lists);
+# - a minus sign ("-", U+2212 or an en dash) before a number, unless a Latin letter or a digit comes
+#   right before it ("x-5", "1990-1995", "1e-5" split there): "-5" is not "5".
+_NUM = re.compile(r"\d[\d.,]*\d|\d")
+_THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = re.compile(r"\d+\.\d+")
+_SIGN = re.compile(r"[-\u2212\u2013](?=\.?\d)")
+_POINT, _MINUS = "\x00", "\x01"  # placeholders for kept marks: no punctuation class holds them
 
 
 def _cjk(c: str) -> bool:
@@ -32,19 +37,31 @@ def _cjk(c: str) -> bool:
         or 0x20000 <= o <= 0x2FA1F
 
 
-def normalise(s: str) -> str:
-    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, except
-    the marks that belong to a number (`_NUMBER_MARK`), each CJK character spaced as a word of its own,
-    whitespace collapsed."""
-    s = unicodedata.normalize("NFKC", s).lower().replace("\u2212", "-").replace(_KEEP, " ")
-    s = _THOUSANDS.sub("", s)
-    marks = [m.group() for m in _NUMBER_MARK.finditer(s)]
-    s = _PUNCT.sub(" ", _NUMBER_MARK.sub(_KEEP, s))
+def _number(m: re.Match) -> str:
+    run = m.group()
+    if _THOUSANDS.fullmatch(run):
+        run = run.replace(",", "")
+    return run.replace(".", _POINT) if _DECIMAL.fullmatch(run) else run
+
+
+def normalise(s: str, numbers: bool = True) -> str:
+    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, each
+    CJK character spaced as a word of its own, whitespace collapsed. numbers: keep a number's sign and
+    decimal point and drop its thousands commas (the rules above); False: split at them too (the word
+    sets of the gate's novelty and of RAG's retrieval, as they were chosen)."""
+    s = unicodedata.normalize("NFKC", s).lower()
+    if numbers:
+        s = s.replace(_POINT, " ").replace(_MINUS, " ")
+        s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5" is "0.5"
+        t = s
+        s = _SIGN.sub(lambda m: "-" if m.start() and t[m.start() - 1].isalnum() and not _cjk(t[m.start() - 1])
+                      else _MINUS, s)
+        s = _NUM.sub(_number, s)
+    s = _PUNCT.sub(" ", s)
     if not s.isascii():
         s = "".join(" " if unicodedata.category(c)[0] == "P" else f" {c} " if _cjk(c) else c for c in s)
-    if marks:
-        it = iter(marks)
-        s = re.sub(_KEEP, lambda _: next(it), s)
+    if numbers:
+        s = s.replace(_POINT, ".").replace(_MINUS, "-")
     return " ".join(s.split())
 
 

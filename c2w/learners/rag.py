@@ -24,7 +24,7 @@ class RagLearner(Learner):
         self.docs.extend(o.text for o in new)
         self.written_ids.update(o.id for o in new)
         if self.docs:
-            self.index = BM25Plus([normalise(d).split() for d in self.docs])
+            self.index = BM25Plus([normalise(d, numbers=False).split() for d in self.docs])
         return iter(())
 
     @property
@@ -36,7 +36,7 @@ class RagLearner(Learner):
             return prompts
         out = []
         for p in prompts:
-            scores = self.index.get_scores(normalise(p).split())
+            scores = self.index.get_scores(normalise(p, numbers=False).split())
             top = sorted(range(len(self.docs)), key=lambda i: -scores[i])[: self.cfg.rag_k]
             ctx = "\n".join(self.docs[i] for i in top if scores[i] > 0)
             out.append(f"{ctx}\n\n{p}" if ctx else p)

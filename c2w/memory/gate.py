@@ -68,7 +68,7 @@ class GateScore:
 
 
 def _words(t: str) -> set[str]:
-    return set(normalise(t).split())
+    return set(normalise(t, numbers=False).split())
 
 
 def novelty(text: str, stored: list[set[str]]) -> float:
