@@ -29,6 +29,7 @@ class LearnerConfig:
     replay_fraction: float = field(default=0.5, metadata={"help": "share of each batch drawn from the replay buffer"})
     buffer_size: int = field(default=256, metadata={"help": "replay buffer capacity in texts (reservoir sampling)"})
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
+    rag_chunk_tokens: int = field(default=0, metadata={"help": "`rag` stores each observed text as windows of at most this many tokens (cut at sentence ends, as writes are: learners.train.windows); 0: whole texts"})
     progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
     # Off by default: every setting of the benchmark was chosen with fp32 writes (BENCHMARKS.md, session 15).
     bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer; the frozen weights are cast once and kept, half their fp32 size); faster where the CPU has AVX512-BF16 or AMX, slower where it has neither. c2w's sleep stays fp32 unless C2WConfig.bf16_sleep: bf16 there cost accuracy (BENCHMARKS.md, session 19). CUDA loads the backbone in bf16 anyway"})
@@ -213,11 +214,11 @@ class BenchConfig:
         that did not apply; giving one of them with a file is an error (it would change nothing)."""
         p = PRESETS[self.preset]
         if self.stream != "fictional":
-            given = [k for k in GENERATOR_ONLY if getattr(self, k) not in (None, 0)]
+            given = [k for k in GENERATOR_ONLY if (getattr(self, k) != 0 if k == "stress" else getattr(self, k) is not None)]
             if given:
                 flags = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise ValueError(f"{flags} shape the built-in generator's stream only; {self.stream} brings its own "
-                                 f"episodes and facts (drop {flags})")
+                raise ValueError(f"{flags} {'shape' if len(given) > 1 else 'shapes'} the built-in generator's stream "
+                                 f"only; {self.stream} brings its own episodes and facts (drop {flags})")
             p = {k: v for k, v in p.items() if k not in GENERATOR_ONLY}
         return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) is None})
 

@@ -155,6 +155,8 @@ def test_generator_flags_with_a_stream_file_are_refused(tmp_path):
     cfg = BenchConfig(stream=str(tmp_path / "s.jsonl"), episodes=3, stress=2)
     with pytest.raises(ValueError, match="--episodes, --stress shape the built-in generator"):
         cfg.resolved()
+    with pytest.raises(ValueError, match="--update-fraction shapes the built-in generator"):  # 0 is given too
+        BenchConfig(stream="s.jsonl", update_fraction=0.0).resolved()
     assert BenchConfig(stream="fictional", episodes=3).resolved().facts_per_episode == 4  # the preset fills the rest
 
 

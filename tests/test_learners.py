@@ -63,6 +63,21 @@ def test_rag_retrieves_the_observed_text(tiny):
     assert learner.cost.trained_tokens == 0
 
 
+def test_rag_chunks_a_long_text_and_retrieves_the_chunk_asked_about(tiny):
+    filler = " ".join(f"The {w} bridge over the valley was rebuilt in {1800 + k}." for k, w in
+                      enumerate(["old", "stone", "iron", "wooden", "long", "narrow", "high", "low"]))
+    doc = Observation("d1", 0, f"{filler} {FACT.text} {filler}")
+    learner = make_learner("rag", tiny, LearnerConfig(rag_k=1, rag_chunk_tokens=48))
+    learner.observe(0, [doc, Observation("f2", 0, "The river Quell flows through Dastmoor.")])
+    assert len(learner.docs) > 3 and learner.docs[-1] == "The river Quell flows through Dastmoor."  # short: whole
+    (p,) = learner.contextualize(["Question: Where was Mira Talvik born?\nAnswer:"])
+    ctx = p.split("\n\n")[0]
+    assert FACT.text in ctx and len(tiny.tokenizer(ctx).input_ids) <= 48  # the fact's chunk, not the document
+    whole = make_learner("rag", tiny, LearnerConfig(rag_k=1))
+    whole.observe(0, [doc])
+    assert whole.docs == [doc.text]
+
+
 def test_replay_buffer_is_bounded_and_budget_counts_replay(tiny):
     cfg = LearnerConfig(lr=1e-3, token_budget=60, buffer_size=3, batch_size=4, replay_fraction=0.5, seed=0)
     learner = make_learner("lora-replay", tiny, cfg)

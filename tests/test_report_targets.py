@@ -56,6 +56,12 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     assert merged["config"]["learning_rates"] == {"lora": 0.003, "c2w-no-gate": 0.003}
     with pytest.raises(MergeError, match="differs in token_budget, seeds_reported"):
         merge_results([a, {**b, "config": {**cfg, "token_budget": 50, "seeds_reported": [0]}}], ["a", "c"])
+    with pytest.raises(MergeError, match="differs in episodes"):  # the generator's settings: another stream
+        merge_results([{**a, "config": {**cfg, "episodes": 6}}, {**b, "config": {**cfg, "episodes": 4}}], ["a", "c"])
+    # a stream file's runs: the generator's settings do not matter (earlier runs recorded the preset's)
+    f = {**cfg, "stream": "s.jsonl"}
+    old, new = {**a, "config": {**f, "episodes": 6, "stress": 0}}, {**b, "config": {**f, "episodes": None}}
+    assert list(merge_results([old, new], ["old", "new"])["methods"]) == ["lora", "c2w", "c2w-no-gate"]
     for name, r in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))

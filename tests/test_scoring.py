@@ -85,6 +85,10 @@ def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
     (" rev. 3.2.1", "3.2", False),
     (" In 2019,500 died", "500", True),  # not a thousands number: 2019 has four digits
     (" x-5", "5", True),                 # after a letter: a hyphen, not a sign
+    (" It was 5%-10% of it", "10%", True),  # ranges after a symbol or bracket split
+    (" between 20°-30° today", "30°", True),
+    (" (2019)-2020", "2020", True),
+    (" x=-5", "-5", True),
     (" 1e-5", "1e", True),
 ])
 def test_numbers_keep_their_signs_and_decimals(cont, answer, correct):

@@ -21,8 +21,10 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
 # - thousands commas ("2,500" and "1,234.5"): dropped, so "2,500" is "2500";
 # - any other run of digits joined by "." or "," splits there, as before: lists ("1,2,3"), dates
 #   ("12.05.2020"), versions ("3.2.1"), and decimal commas ("0,5": ambiguous with lists);
-# - a minus sign ("-", U+2212 or an en dash) before a number, unless a Latin letter or a digit comes
-#   right before it ("x-5", "1990-1995", "1e-5" split there): "-5" is not "5".
+# - a minus sign ("-", U+2212 or an en dash) before a number where a number starts: after a space,
+#   the text's start, an opening bracket or quote, a comma, colon, semicolon or "=", or a CJK
+#   character ("気温は-5度"): "-5" is not "5". After anything else it is a hyphen or a range and
+#   splits: "1990-1995", "x-5", "5%-10%", "20°-30°", "(2019)-2020".
 _NUM = re.compile(r"\d[\d.,]*\d|\d")
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"\d+\.\d+")
@@ -35,6 +37,11 @@ def _cjk(c: str) -> bool:
     o = ord(c)
     return 0x3040 <= o <= 0x30FF or 0x3400 <= o <= 0x4DBF or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF \
         or 0x20000 <= o <= 0x2FA1F
+
+
+def _signs_after(c: str) -> bool:
+    """Whether a dash right after c starts a number (is a minus sign)."""
+    return c.isspace() or c in "([{\"'‘“«,;:=" or _cjk(c)
 
 
 def _number(m: re.Match) -> str:
@@ -54,8 +61,7 @@ def normalise(s: str, numbers: bool = True) -> str:
         s = s.replace(_POINT, " ").replace(_MINUS, " ")
         s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5" is "0.5"
         t = s
-        s = _SIGN.sub(lambda m: "-" if m.start() and t[m.start() - 1].isalnum() and not _cjk(t[m.start() - 1])
-                      else _MINUS, s)
+        s = _SIGN.sub(lambda m: _MINUS if not m.start() or _signs_after(t[m.start() - 1]) else "-", s)
         s = _NUM.sub(_number, s)
     s = _PUNCT.sub(" ", s)
     if not s.isascii():

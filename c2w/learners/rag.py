@@ -7,6 +7,7 @@ from rank_bm25 import BM25Plus
 
 from c2w.evaluation.scoring import normalise
 from c2w.learners.base import Learner
+from c2w.learners.train import windows
 
 
 class RagLearner(Learner):
@@ -21,7 +22,9 @@ class RagLearner(Learner):
 
     def observe_steps(self, episode, observations):
         new = [o for o in observations if o.text.strip()]
-        self.docs.extend(o.text for o in new)
+        texts = [o.text for o in new]
+        n = self.cfg.rag_chunk_tokens
+        self.docs.extend(windows(self.tokenizer, texts, n) if n else texts)  # passages retrieved
         self.written_ids.update(o.id for o in new)
         if self.docs:
             self.index = BM25Plus([normalise(d, numbers=False).split() for d in self.docs])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from c2w.config import GENERATOR_ONLY
+
 # config keys that must agree for methods from different runs to share one table
 SAME = ("stream", "model", "probe_format", "episodes", "facts_per_episode", "update_fraction", "stress",
         "controls", "general_texts", "token_budget", "progress_points", "seeds_reported", "stream_meta")
@@ -34,8 +36,11 @@ def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
         raise MergeError("nothing to merge")
     names = names or [f"run{k}" for k in range(len(runs))]
     first = runs[0].get("config", {})
+    # the generator's settings say nothing about a stream file's stream (runs before session 22
+    # recorded the preset's values there, later ones leave them unset)
+    keys = SAME if first.get("stream", "fictional") == "fictional" else [k for k in SAME if k not in GENERATOR_ONLY]
     for name, r in zip(names[1:], runs[1:]):
-        diff = [k for k in SAME if r.get("config", {}).get(k) != first.get(k)]
+        diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k)]
         if diff:
             raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
     methods: dict = {}
