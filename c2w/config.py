@@ -29,7 +29,9 @@ class LearnerConfig:
     replay_fraction: float = field(default=0.5, metadata={"help": "share of each batch drawn from the replay buffer"})
     buffer_size: int = field(default=256, metadata={"help": "replay buffer capacity in texts (reservoir sampling)"})
     rag_k: int = field(default=2, metadata={"help": "passages retrieved into the prompt by `rag`"})
-    rag_chunk_tokens: int = field(default=0, metadata={"help": "`rag` stores each observed text as windows of at most this many tokens (cut at sentence ends, as writes are: learners.train.windows); 0: whole texts"})
+    # 128, not whole texts: on validation (long_docs seed 1000, examples/passages.jsonl) mean final ACC 0.276
+    # against 0.243 (64: 0.260); BENCHMARKS.md, session 22
+    rag_chunk_tokens: int = field(default=128, metadata={"help": "`rag` stores each observed text as windows of at most this many tokens (cut at sentence ends, as writes are: learners.train.windows); 0: whole texts"})
     progress_points: int = field(default=3, metadata={"help": "learning-speed probes per episode, at equal shares of its trained tokens (c2w: sleep included)"})
     # Off by default: every setting of the benchmark was chosen with fp32 writes (BENCHMARKS.md, session 15).
     bf16_writes: bool = field(default=False, metadata={"help": "CPU: run write steps under bf16 autocast (fp32 master weights and optimizer; the frozen weights are cast once and kept, half their fp32 size); faster where the CPU has AVX512-BF16 or AMX, slower where it has neither. c2w's sleep stays fp32 unless C2WConfig.bf16_sleep: bf16 there cost accuracy (BENCHMARKS.md, session 19). CUDA loads the backbone in bf16 anyway"})

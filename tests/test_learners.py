@@ -73,7 +73,7 @@ def test_rag_chunks_a_long_text_and_retrieves_the_chunk_asked_about(tiny):
     (p,) = learner.contextualize(["Question: Where was Mira Talvik born?\nAnswer:"])
     ctx = p.split("\n\n")[0]
     assert FACT.text in ctx and len(tiny.tokenizer(ctx).input_ids) <= 48  # the fact's chunk, not the document
-    whole = make_learner("rag", tiny, LearnerConfig(rag_k=1))
+    whole = make_learner("rag", tiny, LearnerConfig(rag_k=1, rag_chunk_tokens=0))
     whole.observe(0, [doc])
     assert whole.docs == [doc.text]
 
