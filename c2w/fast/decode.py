@@ -23,6 +23,11 @@ DRAFT = True  # decode_and_logprobs: the answer serves as greedy's draft (exact:
 # and any count not a multiple of 4 under 12 on 2, differ in the last bits): so the evaluator's numbers
 # stay exactly as they were with and without the saving there (elsewhere: within fp32 rounding)
 EXACT_ROWS = 16
+
+
+def _skip_pads(n_real: int, n_slots: int) -> bool:
+    """Whether a pass runs its matmuls on the n_real real tokens only, not on all n_slots slots."""
+    return n_real < n_slots and n_real >= EXACT_ROWS
 MERGE_MIN_TOKENS = 256  # fold LoRA into the weights for calls that process at least this many tokens
 
 
@@ -99,12 +104,12 @@ def prefill(p: llama.Plan, seqs: list[list[int]], cache: Cache) -> torch.Tensor:
         cache.k[i][row, :, col] = k.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
         cache.v[i][row, :, col] = v.transpose(1, 2).reshape(R * C, p.n_kv, p.head_dim)[src]
 
-    if R * C == len(src) or len(src) < EXACT_ROWS:  # no pad slots (or too few rows: see EXACT_ROWS)
-        h = llama.hidden(p, pk, put, pre)
-        last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
-    else:  # the layers' matmuls skip the pad slots; h [N, d] in sequence order
+    if _skip_pads(len(src), R * C):  # the layers' matmuls skip the pad slots; h [N, d] in sequence order
         h = llama.hidden(p, pk, put, pre, src)
         last = torch.tensor(pk.lengths, device=dev).cumsum(0) - 1
+    else:
+        h = llama.hidden(p, pk, put, pre)
+        last = torch.tensor([s + n - 1 for s, n in zip(pk.starts, pk.lengths)], device=dev)
     return h.index_select(0, last)
 
 
@@ -133,7 +138,7 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         mask = torch.cat([old, new], -1)[:, None]  # [B, 1, S, Lc + S]
     # teacher forcing pads rows to the longest: the matmuls run on the valid tokens only (as in prefill)
     real = None if write else valid.flatten().nonzero().squeeze(1)
-    if real is not None and (len(real) == B * S or len(real) < EXACT_ROWS):
+    if real is not None and not _skip_pads(len(real), B * S):
         real = None
     at = None if real is None else (real // S, real % S)  # each valid token's (row, slot)
     h = llama.embed(p, toks).view(B * S, -1) if real is None else llama.embed(p, toks.view(-1).index_select(0, real))
@@ -142,7 +147,7 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         x = llama.rms(h, L.ln1, p.eps)
         qkv = L.qkv(x)
         if real is not None:  # back to [B*S, F], pad slots zero
-            qkv = qkv.new_zeros(B * S, qkv.shape[1]).index_copy_(0, real, qkv)
+            qkv = llama.spread(qkv, real, B * S)
         q, k, v = qkv.view(B, S, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
         q, k = llama.rope(q, cos, sin), llama.rope(k, cos, sin)
         if write:
@@ -161,7 +166,7 @@ def extend(p: llama.Plan, cache: Cache, toks: torch.Tensor, start: torch.Tensor,
         h = h + L.down(F.silu(g) * u)
     h = llama.rms(h, p.norm, p.eps)
     if real is not None:  # pad slots zero
-        h = h.new_zeros(B * S, h.shape[1]).index_copy_(0, real, h)
+        h = llama.spread(h, real, B * S)
     return h.view(B, S, -1)
 
 
@@ -369,19 +374,16 @@ def _answer_lp(p: llama.Plan, cache: Cache, rows: list[int], pre: list[list[int]
     hook = (lambda i, k, v: kv.__setitem__(i, (k, v))) if any(draft) else None
     h = extend(p, sub, toks.to(dev), start, inp.to(dev), False, kv_new=hook)
     dr = [r for r, d in enumerate(draft) if d]
+    extra = torch.zeros_like(inp)  # draft rows' input slots that are no target
+    extra[dr] = inp[dr] & ~tv[dr]
     tv = tv.to(dev)
     sel = tv.flatten().nonzero().squeeze(1)  # the targets' slots
-    hf = h.reshape(-1, h.shape[-1])
     # one head pass over every position read: the targets and, on draft rows, every input token
     # (greedy's choice after it: the argmax of the same logits, what next_token takes from an uncast
     # plan; a cast plan's next_token picks among bf16 candidates, so its drafts keep using it)
     one = p.head_lp is None and len(sel) >= EXACT_ROWS and (not dr or len(dr) * S >= EXACT_ROWS)
-    used = sel
-    if one and dr:
-        extra = torch.zeros_like(inp)
-        extra[dr] = inp[dr] & ~tv.cpu()[dr]
-        used = torch.cat([sel, extra.flatten().nonzero().squeeze(1).to(dev)])
-    z = p.head(hf.index_select(0, used)).float()  # [n_used, V]: the targets' rows first
+    used = torch.cat([sel, extra.flatten().nonzero().squeeze(1).to(dev)]) if one and dr else sel
+    z = p.head(h.reshape(-1, h.shape[-1]).index_select(0, used)).float()  # [n_used, V]: the targets' rows first
     lp = torch.log_softmax(z[:len(sel)], -1).gather(1, tgt.to(dev).flatten()[sel][:, None]).squeeze(1)
     for k, v in zip(out_idx, torch.split(lp, tv.sum(1).tolist())):
         res[k] = v.mean().item()

@@ -484,6 +484,11 @@ COMPILE = False  # torch.compile the per-layer block (set by `c2w perf --compile
 _compiled = None
 
 
+def spread(x: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
+    """x [N, F] placed at rows `slots` of a zero [n, F] (the pad slots a real-tokens-only pass skipped)."""
+    return x.new_zeros(n, x.shape[1]).index_copy_(0, slots, x)
+
+
 def block(h, L: Layer, cos, sin, mask, R: int, C: int, H: int, Hk: int, D: int, eps: float, kv_out=None, i: int = 0,
           pre=None, real=None):
     """One decoder layer on flat hidden [R*C, d] of packed rows. pre: this layer's (k, v) [1, Hkv, P, D]
@@ -492,7 +497,7 @@ def block(h, L: Layer, cos, sin, mask, R: int, C: int, H: int, Hk: int, D: int, 
     x = rms(h, L.ln1, eps)
     qkv = L.qkv(x)
     if real is not None:  # [N, F] -> the packed rows' slots [R*C, F], pad slots zero (no NaN reaches p @ v)
-        qkv = qkv.new_zeros(R * C, qkv.shape[1]).index_copy_(0, real[0], qkv)
+        qkv = spread(qkv, real[0], R * C)
     q, k, v = qkv.view(R, C, H + 2 * Hk, D).transpose(1, 2).split([H, Hk, Hk], 1)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     if kv_out is not None:
