@@ -57,3 +57,21 @@ def test_build_views_takes_the_raw_text_as_given_windows():
     assert build_views(text, None, False, raw=w) == w
     views = build_views(text, None, True, raw=w)
     assert views[:2] == w and text not in views
+
+
+def test_a_span_is_asked_for_where_it_stands_as_a_word():
+    from c2w.memory.views import ask
+
+    # "31" first occurs inside "1931": the question must blank the number of members, not the year
+    assert ask("In 1931 the club had 31 members.", "31") == "In 1931 the club had what members?"
+    assert ask("Ralan met Ral in 2001.", "Ral") == "Ralan met what in 2001?"
+    views = mechanical_views("In 1931 the club had 31 members.")
+    assert "Question: In 1931 the club had what members?\nAnswer: 31." in views
+
+
+def test_names_in_any_alphabet_are_spans_and_start_sentences():
+    assert salient_spans("Émile Duroc climbed the Łomnica in 1921 with Ørsted.") == ["Émile Duroc", "Łomnica", "1921", "Ørsted"]
+    assert sentences("He met Émile. Ørsted came later. Δήλος is an island.") == [
+        "He met Émile.", "Ørsted came later.", "Δήλος is an island."]
+    assert "Question: What climbed the Łomnica in 1921?\nAnswer: Émile Duroc." in mechanical_views(
+        "Émile Duroc climbed the Łomnica in 1921.")

@@ -22,8 +22,11 @@ import torch
 
 from c2w.fast import greedy_decode
 
+# A capital letter of any alphabet ("Émile", "Łódź", "Ørsted", "Δήλος"), as a regex class.
+UPPER = "[" + "".join(re.escape(c) for c in map(chr, range(0x10000)) if c.isupper() or c.istitle()) + "]"
 # Capitalised word runs (allowing lower-case particles inside: "Bank of Oskeln") and numbers.
-_SPAN = re.compile(r"\b(?:[A-Z][\w'’-]+(?:\s+(?:of|de|van|von|the)\s+[A-Z][\w'’-]+|\s+[A-Z][\w'’-]+)*|\d[\d.,]*\d|\d)\b")
+_SPAN = re.compile(rf"\b(?:{UPPER}[\w'’-]+(?:\s+(?:of|de|van|von|the)\s+{UPPER}[\w'’-]+|\s+{UPPER}[\w'’-]+)*|\d[\d.,]*\d|\d)\b")
+_SENTENCE_END = re.compile(rf"(?<=[.!?])\s+(?={UPPER}|\d)")
 _STOP = {"The", "A", "An", "In", "On", "At", "It", "He", "She", "They", "This", "That", "These", "Those", "After",
          "Before", "Born", "Since", "When", "While", "Its", "His", "Her", "Their", "As", "By", "For", "From", "To"}
 
@@ -62,13 +65,17 @@ def end_focus(sentence: str) -> str | None:
 
 def sentences(text: str) -> list[str]:
     """Split at ., ! or ? followed by a space and a capital or digit (keeps "St. Ives" mostly whole)."""
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9])", text.strip())
+    parts = _SENTENCE_END.split(text.strip())
     return [p for p in parts if p]
 
 
 def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
-    q = sentence.rstrip(" .!?").replace(span, "what", 1)
+    q = sentence.rstrip(" .!?")
+    # where the span stands as a word of its own: "31" in "In 1931 the club had 31 members" is the
+    # second match, not the first (salient_spans finds spans at word boundaries)
+    m = re.search(rf"(?<!\w){re.escape(span)}(?!\w)", q)
+    q = q[:m.start()] + "what" + q[m.end():] if m else q.replace(span, "what", 1)
     return q[:1].upper() + q[1:] + "?"
 
 
