@@ -127,3 +127,38 @@ def test_known_records_the_base_answers_are_counted_apart(tiny):
                       evaluate(tiny.model, tiny.tokenizer, ctx))
     assert len(known) == 2 and res["gate"]["known_to_base"] == 0.5
     assert res["gate"]["written_known_to_base"] == 1.0  # lora writes everything it observes
+
+
+def _passage_stream(fix_text: str, fix_probes: tuple, *extra: Record) -> Stream:
+    old = Record("bridge", 0, "The Karsten Bridge opened in 1931 in the city of Vemdal. Its first toll keeper was Agnes Holm.",
+                 (Probe("The Karsten Bridge opened in", "1931"), Probe("The Karsten Bridge is in the city of", "Vemdal"),
+                  Probe("The first toll keeper of the Karsten Bridge was", "Agnes Holm")))
+    fix = Record("bridge_fix", 1, fix_text, fix_probes, replaces="bridge")
+    return Stream([old, fix, *extra], "t")
+
+
+def test_a_replacing_record_retires_only_the_old_answers_it_changes():
+    # a corrected passage restates the facts that still hold: they stay in the matrix, in episode 0
+    stream = _passage_stream("The Karsten Bridge opened in 1933 in the city of Vemdal. Its first toll keeper was Agnes Holm.",
+                             (Probe("the Karsten bridge opened in ", "1933"),))  # same prompt, case and spacing aside
+    kinds = {(it.record_id, it.probe.answer): (it.kind, it.episode) for it in build_probeset(stream).items}
+    assert kinds == {("bridge", "1931"): ("stale", 0), ("bridge", "Vemdal"): ("matrix", 0),
+                     ("bridge", "Agnes Holm"): ("matrix", 0), ("bridge_fix", "1933"): ("matrix", 1)}
+    # a correction note that neither asks nor restates a fact retires it (the record is replaced)
+    note = _passage_stream("Correction: the Karsten Bridge opened in 1933, in Vemdal.", (Probe("The bridge opened in", "1933"),))
+    stale = {it.probe.answer for it in build_probeset(note).items if it.kind == "stale"}
+    assert stale == {"1931", "Agnes Holm"}  # 1931 is absent from the note's text ("1933" is another number)
+    # the same prompt asked again with the same answer: still true
+    same = _passage_stream("The Karsten Bridge opened in 1931.", (Probe("The Karsten Bridge opened in", "1931"),))
+    assert not [it for it in build_probeset(same).items if it.kind == "stale" and it.probe.answer == "1931"]
+
+
+def test_records_replacing_one_id_twice_form_a_chain():
+    second = Record("bridge_fix2", 2, "The Karsten Bridge opened in 1934.", (Probe("The Karsten Bridge opened in", "1934"),),
+                    replaces="bridge")
+    stream = _passage_stream("The Karsten Bridge opened in 1933.", (Probe("The Karsten Bridge opened in", "1933"),), second)
+    ps = build_probeset(stream)
+    assert ps.updates == [("bridge_fix", "bridge"), ("bridge_fix2", "bridge_fix")]
+    kinds = {(it.record_id, it.probe.answer): it.kind for it in ps.items}
+    assert kinds[("bridge", "1931")] == kinds[("bridge_fix", "1933")] == "stale"
+    assert kinds[("bridge_fix2", "1934")] == "matrix"

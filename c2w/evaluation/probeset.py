@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from c2w.evaluation.scoring import contains_words, normalise
 from c2w.streams.records import Probe, Stream
 
 
@@ -27,12 +28,40 @@ class ProbeSet:
 
 
 def build_probeset(stream: Stream) -> ProbeSet:
-    """Matrix items: probes of learn records that no later record replaces (a replaced fact's old
-    answer is stale, so it is scored apart as a `stale` item). Controls: probes of control records."""
-    replaced = {r.replaces: r.id for r in stream.records if r.replaces}
+    """Matrix items: probes of learn records, except the old answers a later record replaces, which are
+    scored apart as `stale` items. Controls: probes of control records.
+
+    A record that replaces another retires only the old probes whose answers it changes: an old probe
+    is stale when the new record asks the same prompt (case, punctuation and spacing aside) with
+    another answer, or, where it does not ask it, when the old answer no longer appears in its text.
+    An old probe whose answer still holds (a corrected passage restates its other facts) stays in the
+    matrix, in its own episode. Records that replace an id already replaced form a chain: each
+    updates the latest record of it (`updates` lists each link)."""
+    succ: dict[str, str] = {}  # record id -> the record that replaced it
+    by_id = {r.id: r for r in stream.records}
+    stale: set[tuple[str, int]] = set()  # (record id, probe index)
+    updates: list[tuple[str, str]] = []
+    for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
+        if not r.replaces:
+            continue
+        old = r.replaces
+        while old in succ:
+            old = succ[old]
+        succ[old] = r.id
+        updates.append((r.id, old))
+        asked = {_key(p.prompt): normalise(p.answer) for p in r.probes}
+        for k, p in enumerate(by_id[old].probes):
+            new_answer = asked.get(_key(p.prompt))
+            if (normalise(p.answer) != new_answer) if new_answer is not None else not contains_words(r.text, p.answer):
+                stale.add((old, k))
     items: list[Item] = []
     for r in stream.records:
-        kind = {"learn": "stale" if r.id in replaced else "matrix", "control": "control"}.get(r.role)
-        if kind:
-            items.extend(Item(r.id, r.episode, kind, p) for p in r.probes)
-    return ProbeSet(items, stream.n_episodes, [(new, old) for old, new in replaced.items()])
+        if r.role == "control":
+            items.extend(Item(r.id, r.episode, "control", p) for p in r.probes)
+        elif r.role == "learn":
+            items.extend(Item(r.id, r.episode, "stale" if (r.id, k) in stale else "matrix", p) for k, p in enumerate(r.probes))
+    return ProbeSet(items, stream.n_episodes, updates)
+
+
+def _key(prompt: str) -> str:
+    return normalise(prompt, numbers=False)
