@@ -54,6 +54,28 @@ def test_gate_ranks_a_new_fact_above_noise_and_above_a_known_fact(schooled):
     assert dup.novelty == 0.0 and not dup.write and dup.reason == "duplicate"
 
 
+def test_a_near_duplicate_that_changes_a_word_is_an_update_not_a_duplicate():
+    from c2w.memory.gate import _words, repeats
+
+    old = "The Karsten Bridge over the river Oll in Vemdal opened in 1931 and carries four lanes of road traffic."
+    fix = old.replace("1931", "1933")
+    stored = [_words(old)]
+    assert repeats(old, stored, 0.2) and repeats(old.upper() + "!", stored, 0.2)  # exact up to case and marks
+    assert repeats(old.replace(" four", ""), stored, 0.2)  # a word dropped: nothing new
+    assert not repeats(fix, stored, 0.2)  # novelty 0.1 (under 0.2), but "1933" is new
+    assert not repeats("A ferry crosses the river Oll.", stored, 0.2)  # far from it: no repeat either
+
+
+def test_the_gate_sends_a_corrected_restatement_on_to_its_other_signals(schooled):
+    bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
+    cfg = GateConfig(familiarity="units", min_unit_surprise=-1, min_novelty=0.2, min_learnability=-1, max_nats_per_byte=0)
+    text = NEW[:-1] + " and later studied the old maps of the northern coast with her brother."
+    fixed = text.replace("Sarnavel", "Dunmere")  # novelty 2/17: near, and one word new
+    dup, fix = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [text, fixed], [text], cfg)
+    assert dup.reason == "duplicate" and not dup.write
+    assert fix.novelty < 0.2 and fix.reason == "write" and fix.write
+
+
 def test_the_gate_turns_away_text_that_does_not_compress_without_a_trial_step(schooled):
     bank = AdapterBank(schooled.model, lora_config(LearnerConfig()))
     new, noise = score_texts(bank.model, schooled.tokenizer, bank.fast_params(), [NEW, NOISE], [],

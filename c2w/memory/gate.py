@@ -23,7 +23,9 @@ uncertainty on the frozen base by default, `familiarity_on_base`):
   "surprising");
 - uncertainty: mean predictive entropy over the text's positions;
 - novelty: 1 - the largest word-set overlap (Jaccard) with texts already stored or seen this
-  episode (exact and near duplicates score ~0);
+  episode (exact and near duplicates score ~0). Under `min_novelty` a text is a duplicate only when
+  it also adds no word to that stored text (`repeats`): a passage restated with a fact changed is
+  near, but it is an update;
 - compressibility: nats per UTF-8 byte of the text on the frozen base (with `familiarity_on_base`).
   Language, new names included, compresses; random strings do not (3.66-4.12 nats per byte on
   the validation streams against at most 3.08 for a new fact; other languages, code and tables
@@ -50,7 +52,7 @@ import torch
 from c2w.config import FAMILIARITY_RULES, GateConfig  # noqa: F401  (GateConfig re-exported)
 from c2w.evaluation.scoring import normalise
 from c2w.fast import lm_loss
-from c2w.memory.views import MAX_SPANS, ask, salient_spans, sentences
+from c2w.memory.views import MAX_SPANS, UPPER, ask, salient_spans, sentences
 
 RULES = FAMILIARITY_RULES
 
@@ -78,8 +80,16 @@ def novelty(text: str, stored: list[set[str]]) -> float:
     return 1.0 - max(len(w & s) / len(w | s) for s in stored)
 
 
+def repeats(text: str, stored: list[set[str]], min_novelty: float) -> bool:
+    """Whether the text repeats a stored one: a near duplicate (novelty under min_novelty against it)
+    that adds no word of its own. A corrected passage restated with one number or name changed is as
+    near ("opened in 1931" -> "opened in 1933": novelty 0.05), but its new word is the update."""
+    w = _words(text)
+    return any(1.0 - len(w & s) / len(w | s) < min_novelty and w <= s for s in stored if w | s)
+
+
 _WORD = re.compile(r"[\w'’-]+")
-_UNIT = re.compile(r"\b(?:[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+)*|\d[\d.,]*)")
+_UNIT = re.compile(rf"\b(?:{UPPER}[\w'’-]+(?:\s+{UPPER}[\w'’-]+)*|\d[\d.,]*)")
 
 
 def content_units(text: str) -> list[tuple[int, int]]:
@@ -222,11 +232,12 @@ def text_learnability(model, tokenizer, params: list[torch.Tensor], text: str, l
 def score_texts(model, tokenizer, params, texts: list[str], stored: list[str], cfg: GateConfig) -> list[GateScore]:
     """Score an episode's texts in order; a text also counts as `stored` for those after it.
     Duplicates are found from the words alone and cost no model pass (their other signals are nan)."""
-    seen, nov = [_words(t) for t in stored], []
-    for t in texts:
+    seen, nov, fresh = [_words(t) for t in stored], [], []
+    for k, t in enumerate(texts):
         nov.append(novelty(t, seen))
+        if nov[-1] >= cfg.min_novelty or not repeats(t, seen, cfg.min_novelty):
+            fresh.append(k)
         seen.append(_words(t))
-    fresh = [k for k, n in enumerate(nov) if n >= cfg.min_novelty]
     on_base = cfg.familiarity_on_base and hasattr(model, "disable_adapter")
     # One pass per text: on the base (familiarity, compressibility, uncertainty) when `on_base`, else
     # on the current model. No decision reads the current model's mean NLL; the trial step's first
