@@ -90,6 +90,13 @@ def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
     (" (2019)-2020", "2020", True),
     (" x=-5", "-5", True),
     (" 1e-5", "1e", True),
+    (" at 7:30 pm", "7", False),        # a time, score or ratio is one number
+    (" at 7:30 pm", "30", False),
+    (" at 7:30 pm", "7:30", True),
+    (" at 10:30:15", "10:30:15", True),
+    (" won 3:1", "3:1", True),
+    (" Answer: 5", "5", True),           # a colon after a word still splits
+    (" 12.5:3", "12.5", True),           # mixed with other marks: split at the colon
 ])
 def test_numbers_keep_their_signs_and_decimals(cont, answer, correct):
     assert is_correct(cont, answer) is correct
@@ -102,3 +109,12 @@ def test_normalise_ignores_placeholders_in_the_text():
 def test_word_sets_of_gate_and_rag_split_numbers_as_before():
     """The gate's novelty and RAG's retrieval were chosen with numbers split at every mark."""
     assert normalise("It was -3.5 or 2,500.", numbers=False) == "it was 3 5 or 2 500"
+
+
+@pytest.mark.parametrize("cont, answer", [
+    (" STRASSE", "Straße"),               # casefold, not lower
+    (" Tolkien", "Tol\u00adkien"),        # a soft hyphen in the answer
+    (" Tol\u200bkien wrote it", "Tolkien"),  # a zero-width space in the output
+])
+def test_case_and_invisible_marks_do_not_matter(cont, answer):
+    assert is_correct(cont, answer)

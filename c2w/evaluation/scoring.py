@@ -24,12 +24,14 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}‘’“”–—…]")
 # - a minus sign ("-", U+2212 or an en dash) before a number where a number starts: after a space,
 #   the text's start, an opening bracket or quote, a comma, colon, semicolon or "=", or a CJK
 #   character ("気温は-5度"): "-5" is not "5". After anything else it is a hyphen or a range and
-#   splits: "1990-1995", "x-5", "5%-10%", "20°-30°", "(2019)-2020".
-_NUM = re.compile(r"\d[\d.,]*\d|\d")
+#   splits: "1990-1995", "x-5", "5%-10%", "20°-30°", "(2019)-2020";
+# - colons between digits: a time, score or ratio is one number ("7:30" is neither "7" nor "30").
+_NUM = re.compile(r"\d[\d.,:]*\d|\d")
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"\d+\.\d+")
+_CLOCK = re.compile(r"\d+(?::\d+)+")
 _SIGN = re.compile(r"[-\u2212\u2013](?=\.?\d)")
-_POINT, _MINUS = "\x00", "\x01"  # placeholders for kept marks: no punctuation class holds them
+_POINT, _MINUS, _COLON = "\x00", "\x01", "\x02"  # placeholders for kept marks: no punctuation class holds them
 
 
 def _cjk(c: str) -> bool:
@@ -45,7 +47,14 @@ def _signs_after(c: str) -> bool:
 
 
 def _number(m: re.Match) -> str:
-    run = m.group()
+    return _run(m.group())
+
+
+def _run(run: str) -> str:
+    if _CLOCK.fullmatch(run):
+        return run.replace(":", _COLON)
+    if ":" in run:  # colons mixed with other marks ("12.5:3"): each part on its own, split at the colon
+        return ":".join(map(_run, run.split(":")))
     if _THOUSANDS.fullmatch(run):
         run = run.replace(",", "")
     return run.replace(".", _POINT) if _DECIMAL.fullmatch(run) else run
@@ -56,9 +65,10 @@ def normalise(s: str, numbers: bool = True) -> str:
     CJK character spaced as a word of its own, whitespace collapsed. numbers: keep a number's sign and
     decimal point and drop its thousands commas (the rules above); False: split at them too (the word
     sets of the gate's novelty and of RAG's retrieval, as they were chosen)."""
-    s = unicodedata.normalize("NFKC", s).lower()
+    # casefold: "Straße" is "STRASSE"; invisible format marks (soft hyphen, zero-width space) go
+    s = "".join(c for c in unicodedata.normalize("NFKC", s).casefold() if unicodedata.category(c) != "Cf")
     if numbers:
-        s = s.replace(_POINT, " ").replace(_MINUS, " ")
+        s = s.replace(_POINT, " ").replace(_MINUS, " ").replace(_COLON, " ")
         s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5" is "0.5"
         t = s
         s = _SIGN.sub(lambda m: _MINUS if not m.start() or _signs_after(t[m.start() - 1]) else "-", s)
@@ -67,7 +77,7 @@ def normalise(s: str, numbers: bool = True) -> str:
     if not s.isascii():
         s = "".join(" " if unicodedata.category(c)[0] == "P" else f" {c} " if _cjk(c) else c for c in s)
     if numbers:
-        s = s.replace(_POINT, ".").replace(_MINUS, "-")
+        s = s.replace(_POINT, ".").replace(_MINUS, "-").replace(_COLON, ":")
     return " ".join(s.split())
 
 
