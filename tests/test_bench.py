@@ -149,6 +149,10 @@ def test_a_stream_file_is_never_tuned_on(tmp_path, monkeypatch, capsys):
     assert res["config"]["texts_over_max_len"] == {0: (0, 128)} and "longer than" not in cap.out + cap.err
     # the generator's sizes did not apply to the file: none recorded
     assert all(res["config"][k] in (None, 0) for k in GENERATOR_ONLY)
+    # the file's content is recorded: `c2w report` refuses to merge runs over different data of one name
+    from c2w.streams.validate import load_stream
+
+    assert res["config"]["stream_sha256"] == {0: load_stream(p).fingerprint()}
 
 
 def test_generator_flags_with_a_stream_file_are_refused(tmp_path):

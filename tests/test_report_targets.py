@@ -62,6 +62,11 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     f = {**cfg, "stream": "s.jsonl"}
     old, new = {**a, "config": {**f, "episodes": 6, "stress": 0}}, {**b, "config": {**f, "episodes": None}}
     assert list(merge_results([old, new], ["old", "new"])["methods"]) == ["lora", "c2w", "c2w-no-gate"]
+    # the same file name over other content is another stream (a run without a fingerprint still merges)
+    fp1, fp2 = {**f, "stream_sha256": {"0": "aa", "1": "bb"}}, {**f, "stream_sha256": {"0": "aa", "1": "cc"}}
+    with pytest.raises(MergeError, match="stream_sha256"):
+        merge_results([{**a, "config": fp1}, {**b, "config": fp2}], ["a", "c"])
+    assert len(merge_results([{**a, "config": fp1}, {**b, "config": f}], ["a", "c"])["methods"]) == 3
     for name, r in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))

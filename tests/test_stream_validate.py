@@ -189,3 +189,12 @@ def test_far_episode_gap_is_summarised():
     eps = [line(id=f"e{k}", episode=3 * k) for k in range(30)]  # 29 gaps of two: the first ten, then a count
     msg = issues_of(eps)[2][0].message
     assert msg.endswith("missing 1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 19, 20, 22, 23, 25, 26, 28, 29 and 19 more runs")
+
+
+def test_a_streams_fingerprint_follows_its_content_not_its_name():
+    from c2w.streams.records import Probe, Record, Stream
+
+    a = Stream([Record("f1", 0, "Mira lives in Prell.", (Probe("Mira lives in", "Prell"),))], "s.jsonl")
+    assert a.fingerprint() == Stream(list(a.records), "other.jsonl").fingerprint()
+    edited = Stream([Record("f1", 0, "Mira lives in Prell.", (Probe("Mira lives in", "Oskeln"),))], "s.jsonl")
+    assert edited.fingerprint() != a.fingerprint() and len(a.fingerprint()) == 16

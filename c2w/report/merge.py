@@ -41,6 +41,9 @@ def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
     keys = SAME if first.get("stream", "fictional") == "fictional" else [k for k in SAME if k not in GENERATOR_ONLY]
     for name, r in zip(names[1:], runs[1:]):
         diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k)]
+        # the streams' content (runs before session 23 recorded none: then only the keys above)
+        if None not in (fp := r.get("config", {}).get("stream_sha256"), first.get("stream_sha256")) and fp != first["stream_sha256"]:
+            diff.append("stream_sha256 (the streams' content)")
         if diff:
             raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
     methods: dict = {}

@@ -7,6 +7,8 @@ evaluator: see `Record.observation()`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 ROLES = ("learn", "control", "noise", "known", "duplicate")
@@ -66,6 +68,12 @@ class Stream:
     @property
     def n_episodes(self) -> int:
         return 1 + max((r.episode for r in self.records), default=-1)
+
+    def fingerprint(self) -> str:
+        """sha256 of the records' content (ids, episodes, texts, probes, roles, replaces; in order), first
+        16 hex digits: two runs saw the same data only if these agree, whatever the file was called."""
+        blob = json.dumps([r.to_json() for r in self.records], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     def episode(self, i: int) -> list[Record]:
         return [r for r in self.records if r.episode == i]
