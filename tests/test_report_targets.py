@@ -67,6 +67,8 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     with pytest.raises(MergeError, match="stream_sha256"):
         merge_results([{**a, "config": fp1}, {**b, "config": fp2}], ["a", "c"])
     assert len(merge_results([{**a, "config": fp1}, {**b, "config": f}], ["a", "c"])["methods"]) == 3
+    with pytest.raises(MergeError, match="stream_sha256"):  # a first run without one does not let the others differ
+        merge_results([{**a, "config": f}, {**b, "config": fp1}, {**b, "config": fp2}], ["a", "b", "c"])
     for name, r in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))

@@ -162,3 +162,21 @@ def test_records_replacing_one_id_twice_form_a_chain():
     kinds = {(it.record_id, it.probe.answer): it.kind for it in ps.items}
     assert kinds[("bridge", "1931")] == kinds[("bridge_fix", "1933")] == "stale"
     assert kinds[("bridge_fix2", "1934")] == "matrix"
+
+
+def test_a_later_link_of_a_chain_can_change_what_an_earlier_one_kept():
+    keeper = Record("bridge_fix2", 2, "The Karsten Bridge opened in 1933. Its first toll keeper was Mary Lund.",
+                    (Probe("The first toll keeper of the Karsten Bridge was", "Mary Lund"),), replaces="bridge")
+    stream = _passage_stream("The Karsten Bridge opened in 1933 in the city of Vemdal. Its first toll keeper was Agnes Holm.",
+                             (Probe("The Karsten Bridge opened in", "1933"),), keeper)
+    kinds = {(it.record_id, it.probe.answer): it.kind for it in build_probeset(stream).items}
+    # the first fix kept Agnes Holm (it restated her); the second changed her
+    assert kinds[("bridge", "Agnes Holm")] == "stale" and kinds[("bridge", "Vemdal")] == "stale"
+    assert kinds[("bridge_fix", "1933")] == "matrix"  # the second fix restates 1933
+
+
+def test_a_replaces_target_outside_the_stream_is_ignored():
+    # bench builds sub-streams (the known records alone) whose replaces may point outside them
+    ps = build_probeset(Stream([Record("k1", 1, "Paris is in France.", (Probe("Paris is in", "France"),), role="known",
+                                       replaces="f0001")], "t"))
+    assert ps.updates == [] and ps.items == []

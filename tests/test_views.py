@@ -65,6 +65,10 @@ def test_a_span_is_asked_for_where_it_stands_as_a_word():
     # "31" first occurs inside "1931": the question must blank the number of members, not the year
     assert ask("In 1931 the club had 31 members.", "31") == "In 1931 the club had what members?"
     assert ask("Ralan met Ral in 2001.", "Ral") == "Ralan met what in 2001?"
+    # nor inside a decimal, a thousands number or a hyphenated name
+    assert ask("The fee rose from 3.5 to 5 crowns.", "5") == "The fee rose from 3.5 to what crowns?"
+    assert ask("It cost 1,500 and then 500 crowns.", "500") == "It cost 1,500 and then what crowns?"
+    assert ask("Anna met Olaf-Peter and Olaf.", "Olaf") == "Anna met Olaf-Peter and what?"
     views = mechanical_views("In 1931 the club had 31 members.")
     assert "Question: In 1931 the club had what members?\nAnswer: 31." in views
 

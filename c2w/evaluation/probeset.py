@@ -40,20 +40,25 @@ def build_probeset(stream: Stream) -> ProbeSet:
     succ: dict[str, str] = {}  # record id -> the record that replaced it
     by_id = {r.id: r for r in stream.records}
     stale: set[tuple[str, int]] = set()  # (record id, probe index)
+    chain: dict[str, list[str]] = {}  # a chain's latest record -> every record in it, oldest first
     updates: list[tuple[str, str]] = []
     for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
-        if not r.replaces:
+        if not r.replaces or r.replaces not in by_id:
             continue
         old = r.replaces
         while old in succ:
             old = succ[old]
         succ[old] = r.id
         updates.append((r.id, old))
+        links = chain[r.id] = chain.pop(old, [old]) + [r.id]
         asked = {_key(p.prompt): normalise(p.answer) for p in r.probes}
-        for k, p in enumerate(by_id[old].probes):
-            new_answer = asked.get(_key(p.prompt))
-            if (normalise(p.answer) != new_answer) if new_answer is not None else not contains_words(r.text, p.answer):
-                stale.add((old, k))
+        for rid in links[:-1]:  # every probe still live along the chain: a later link may change what an earlier one kept
+            for k, p in enumerate(by_id[rid].probes):
+                if (rid, k) in stale:
+                    continue
+                new_answer = asked.get(_key(p.prompt))
+                if (normalise(p.answer) != new_answer) if new_answer is not None else not contains_words(r.text, p.answer):
+                    stale.add((rid, k))
     items: list[Item] = []
     for r in stream.records:
         if r.role == "control":

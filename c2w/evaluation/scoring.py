@@ -66,7 +66,9 @@ def normalise(s: str, numbers: bool = True) -> str:
     decimal point and drop its thousands commas (the rules above); False: split at them too (the word
     sets of the gate's novelty and of RAG's retrieval, as they were chosen)."""
     # casefold: "Straße" is "STRASSE"; invisible format marks (soft hyphen, zero-width space) go
-    s = "".join(c for c in unicodedata.normalize("NFKC", s).casefold() if unicodedata.category(c) != "Cf")
+    s = unicodedata.normalize("NFKC", s).casefold()
+    if not s.isascii():
+        s = "".join(c for c in s if unicodedata.category(c) != "Cf")
     if numbers:
         s = s.replace(_POINT, " ").replace(_MINUS, " ").replace(_COLON, " ")
         s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5" is "0.5"

@@ -72,9 +72,9 @@ def sentences(text: str) -> list[str]:
 def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
     q = sentence.rstrip(" .!?")
-    # where the span stands as a word of its own: "31" in "In 1931 the club had 31 members" is the
-    # second match, not the first (salient_spans finds spans at word boundaries)
-    m = re.search(rf"(?<!\w){re.escape(span)}(?!\w)", q)
+    # where the span stands on its own: "31" in "In 1931 the club had 31 members" is the second match,
+    # and neither "5" in "3.5" nor "500" in "1,500" nor "Olaf" in "Olaf-Peter" is the span
+    m = re.search(rf"(?<![\w'’.,-]){re.escape(span)}(?![\w'’-]|[.,]\d)", q)
     q = q[:m.start()] + "what" + q[m.end():] if m else q.replace(span, "what", 1)
     return q[:1].upper() + q[1:] + "?"
 

@@ -39,10 +39,11 @@ def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
     # the generator's settings say nothing about a stream file's stream (runs before session 22
     # recorded the preset's values there, later ones leave them unset)
     keys = SAME if first.get("stream", "fictional") == "fictional" else [k for k in SAME if k not in GENERATOR_ONLY]
+    ref = next((r["config"]["stream_sha256"] for r in runs if r.get("config", {}).get("stream_sha256") is not None), None)
     for name, r in zip(names[1:], runs[1:]):
         diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k)]
-        # the streams' content (runs before session 23 recorded none: then only the keys above)
-        if None not in (fp := r.get("config", {}).get("stream_sha256"), first.get("stream_sha256")) and fp != first["stream_sha256"]:
+        # the streams' content, against the first run that recorded it (runs before session 23 did not)
+        if None not in (fp := r.get("config", {}).get("stream_sha256"), ref) and fp != ref:
             diff.append("stream_sha256 (the streams' content)")
         if diff:
             raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
