@@ -24,6 +24,7 @@ from c2w.config import DEFAULT_LR, LR_GRID, PRESETS, BenchConfig, lr_key  # noqa
 from c2w.evaluation.drift import base_logprobs, encode_passages
 from c2w.evaluation.probeset import build_probeset
 from c2w.evaluation.runner import EvalContext, evaluate, run_learner
+from c2w.evaluation.scoring import normalise
 from c2w.learners import LearnerConfig, make_learner
 from c2w.learners.train import thin_budget
 from c2w.streams.controls import add_controls, control_candidates
@@ -67,6 +68,11 @@ def prepare(cfg: BenchConfig) -> tuple[Backbone, list[Record], list, list]:
     controls = known_controls(bb, cfg.controls, cfg.probe_format)
     passages = encode_passages(bb.tokenizer, general_text(cfg.general_texts)) if cfg.general_texts else []
     return bb, controls, passages, base_logprobs(bb.model, passages)
+
+
+def unscorable(stream: Stream) -> list[str]:
+    """Probe answers that normalise to nothing ("%", "+"): no continuation can ever contain them."""
+    return [p.answer for r in stream.records for p in r.probes if not normalise(p.answer)]
 
 
 def observed_lengths(tokenizer, stream: Stream) -> list[tuple[int, int]]:
@@ -164,6 +170,9 @@ def bench(cfg: BenchConfig) -> dict:
     tokens = {s: episode_tokens(bb.tokenizer, st, lengths[s]) for s, st in streams.items()}
     if thin := thin_budget(cfg.token_budget, max(max(t) for t in tokens.values()), "--token-budget"):
         tqdm.write(f"c2w bench, longest episode: {thin}")
+    if blank := unscorable(streams[seeds[0]]):
+        tqdm.write(f"c2w bench: {len(blank)} probe answer(s) have no letter or digit ({', '.join(map(repr, blank[:5]))}"
+                   f"{', ...' if len(blank) > 5 else ''}); scoring compares words, so they can never be scored correct")
     cut = LearnerConfig.max_len
     over = {s: sum(n > cut for _, n in ls) for s, ls in lengths.items()}  # a write step keeps a text's first `cut`
     if any(over.values()):

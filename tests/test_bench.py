@@ -147,6 +147,7 @@ def test_a_stream_file_is_never_tuned_on(tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "--lr-search skipped" in cap.out + cap.err
     assert res["config"]["texts_over_max_len"] == {0: (0, 128)} and "longer than" not in cap.out + cap.err
+    assert "can never be scored" not in cap.out + cap.err
     # the generator's sizes did not apply to the file: none recorded
     assert all(res["config"][k] in (None, 0) for k in GENERATOR_ONLY)
     # the file's content is recorded: `c2w report` refuses to merge runs over different data of one name
@@ -176,3 +177,13 @@ def test_texts_longer_than_a_write_step_keeps_are_reported(tmp_path, capsys):
     assert res["config"]["texts_over_max_len"] == {0: (1, 128)}
     cap = capsys.readouterr()
     assert "1 observed text(s) are longer than 128 tokens" in cap.out + cap.err
+
+
+def test_answers_without_a_letter_or_digit_are_named_as_unscorable():
+    from c2w.bench import unscorable
+    from c2w.streams.records import Probe, Record, Stream
+
+    st = Stream([Record("a", 0, "The Orvik index uses the symbol %.", (Probe("The Orvik index uses the symbol", "%"),
+                                                                        Probe("The index is named after", "Orvik"))),
+                 Record("b", 0, "Its sign is +.", (Probe("Its sign is", " + "),))])
+    assert unscorable(st) == ["%", " + "]
