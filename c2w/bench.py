@@ -199,6 +199,8 @@ def bench(cfg: BenchConfig) -> dict:
                    "lr_search": lr_choice, "lr_search_skipped": skipped, "seeds_reported": seeds,
                    "texts_over_max_len": {s: (n, cut) for s, n in over.items()}, "stream_meta": streams[seeds[0]].meta,
                    "stream_sha256": {s: st.fingerprint() for s, st in streams.items()},
+                   "probes_per_episode": {s: [len(ps.of("matrix", e)) for e in range(ps.n_episodes)]
+                                          for s, ps in ((s, build_probeset(st)) for s, st in streams.items())},
                    "budget_passes": {s: [round(cfg.token_budget / n, 2) if n else None for n in t]
                                      for s, t in tokens.items()}},
         "provenance": {**provenance(bb), "wall_s": time.perf_counter() - t0},

@@ -127,6 +127,9 @@ def test_budget_counts_observed_text_and_warns_when_thin(tiny):
 def test_results_record_the_budget_passes_per_seed(first_run):
     cfg = json.loads((first_run / "results.json").read_text())["config"]
     assert set(cfg["budget_passes"]) == {"0", "1"} and all(len(v) == 2 and min(v) > 0 for v in cfg["budget_passes"].values())
+    # how many probes each matrix cell averages over: 3 facts x 2 probes per episode (updates move theirs)
+    assert set(cfg["probes_per_episode"]) == {"0", "1"}
+    assert all(len(v) == 2 and min(v) > 0 and sum(v) <= 12 for v in cfg["probes_per_episode"].values())
 
 
 def test_a_stream_file_is_never_tuned_on(tmp_path, monkeypatch, capsys):
