@@ -118,3 +118,18 @@ def test_word_sets_of_gate_and_rag_split_numbers_as_before():
 ])
 def test_case_and_invisible_marks_do_not_matter(cont, answer):
     assert is_correct(cont, answer)
+
+
+@pytest.mark.parametrize("cont, answer, correct", [
+    (" United States", "the United States", True),   # a leading article may be left out
+    (" the United States", "the United States", True),
+    (" Hague", "The Hague", True),
+    (" an apple", "An apple", True),
+    (" apple pie", "an apple", True),
+    (" vitamin C", "Vitamin A", False),               # only a leading one: "a" inside stays
+    (" Netherlands", "the Netherlands Antilles", False),
+    (" the", "the", True),                             # an article alone is the whole answer
+    (" they", "The Y", False),
+])
+def test_a_leading_article_of_the_answer_may_be_left_out(cont, answer, correct):
+    assert is_correct(cont, answer) is correct

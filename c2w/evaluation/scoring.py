@@ -95,9 +95,18 @@ def contains_words(haystack: str, needle: str) -> bool:
     return bool(n) and f" {n} " in f" {normalise(haystack)} "
 
 
+_ARTICLE = re.compile(r"(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
+
+
 def is_correct(continuation: str, answer: str) -> bool:
-    """The lenient-but-honest rule: answer as whole words in the first non-empty line."""
-    return contains_words(first_line(continuation), answer)
+    """The lenient-but-honest rule: answer as whole words in the first non-empty line. An answer's
+    leading English article may be left out ("United States" answers "the United States"); only a
+    leading one: "vitamin C" never answers "Vitamin A"."""
+    line = first_line(continuation)
+    if contains_words(line, answer):
+        return True
+    bare = _ARTICLE.sub("", answer.strip(), count=1) if _ARTICLE.match(answer.strip()) else ""
+    return bool(bare) and contains_words(line, bare)
 
 
 def is_strict(continuation: str, answer: str) -> bool:
