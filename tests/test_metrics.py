@@ -117,6 +117,11 @@ def test_update_metrics():
     assert u == {"new_answer_acc": 0.75, "stale_persistence": 0.5, "n": 4}
     e = update_metrics(np.array([], bool), np.array([], bool))
     assert math.isnan(e["new_answer_acc"]) and math.isnan(e["stale_persistence"]) and e["n"] == 0
+    # an update with a cloze and a question probe, one right, counts half (a bool cast made it 1)
+    f = update_metrics(np.array([0.5, 1.0]), np.array([0.5, 0.0]))
+    assert f == {"new_answer_acc": 0.75, "stale_persistence": 0.25, "n": 2}
+    with pytest.raises(ValueError, match="fractions"):
+        update_metrics(np.array([2.0]), np.array([0.0]))
 
 
 def test_mean_std_nan_aware():

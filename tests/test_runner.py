@@ -1,14 +1,16 @@
 """The evaluator's contract with learners, on the tiny model."""
 
+import dataclasses
 import types
 
 import numpy as np
 import torch
 
 from c2w.evaluation.probeset import build_probeset
-from c2w.evaluation.runner import EvalContext, evaluate, run_learner
+from c2w.evaluation.runner import EvalContext, evaluate, run_learner, summarise
 from c2w.learners import LearnerConfig
 from c2w.learners.lora import LoraLearner
+from c2w.learners.none import NoneLearner
 from c2w.streams.fictional import FictionalConfig, generate_fictional
 from c2w.streams.records import Observation, Probe, Record, Stream
 
@@ -169,10 +171,47 @@ def test_a_later_link_of_a_chain_can_change_what_an_earlier_one_kept():
                     (Probe("The first toll keeper of the Karsten Bridge was", "Mary Lund"),), replaces="bridge")
     stream = _passage_stream("The Karsten Bridge opened in 1933 in the city of Vemdal. Its first toll keeper was Agnes Holm.",
                              (Probe("The Karsten Bridge opened in", "1933"),), keeper)
-    kinds = {(it.record_id, it.probe.answer): it.kind for it in build_probeset(stream).items}
-    # the first fix kept Agnes Holm (it restated her); the second changed her
-    assert kinds[("bridge", "Agnes Holm")] == "stale" and kinds[("bridge", "Vemdal")] == "stale"
-    assert kinds[("bridge_fix", "1933")] == "matrix"  # the second fix restates 1933
+    ps = build_probeset(stream)
+    kinds = {(it.record_id, it.probe.answer): it.kind for it in ps.items}
+    # the first fix kept Agnes Holm (it restated her); the second asks her prompt again with another answer
+    assert kinds[("bridge", "Agnes Holm")] == "stale" and kinds[("bridge", "1931")] == "stale"
+    # it asks an old prompt, so what it does not ask stays: Vemdal (not in its text) and the first fix's 1933
+    assert kinds[("bridge", "Vemdal")] == "matrix" and kinds[("bridge_fix", "1933")] == "matrix"
+    retired = {it.probe.answer: it.retired_by for it in ps.items if it.kind == "stale"}
+    assert retired == {"1931": "bridge_fix", "Agnes Holm": "bridge_fix2"}  # each update is scored on what it changed
+
+
+def test_partial_updates_of_one_record_keep_each_other():
+    # news-style updates: each changes one fact of the same record and says nothing of the others
+    old = Record("tor", 0, "Tor Almqvist lives in Oskeln and works at Tarn Bank.",
+                 (Probe("Tor Almqvist lives in", "Oskeln"), Probe("Tor Almqvist works at", "Tarn Bank")))
+    home = Record("tor_home", 1, "Tor Almqvist now lives in Prell.", (Probe("Tor Almqvist lives in", "Prell"),),
+                  replaces="tor")
+    job = Record("tor_job", 2, "Tor Almqvist now works at Holm Mill.", (Probe("Tor Almqvist works at", "Holm Mill"),),
+                 replaces="tor")
+    ps = build_probeset(Stream([old, home, job], "t"))
+    kinds = {(it.record_id, it.probe.answer): (it.kind, it.retired_by) for it in ps.items}
+    assert kinds == {("tor", "Oskeln"): ("stale", "tor_home"), ("tor", "Tarn Bank"): ("stale", "tor_job"),
+                     ("tor_home", "Prell"): ("matrix", None), ("tor_job", "Holm Mill"): ("matrix", None)}
+    # a note that asks no old prompt falls back on its text, for the record it names only
+    note = Record("tor_note", 3, "Correction: Tor Almqvist works at Holm Mills.", (Probe("Where does Tor work?", "Holm Mills"),),
+                  replaces="tor")
+    kinds = {(it.record_id, it.probe.answer): it.kind for it in build_probeset(Stream([old, home, job, note], "t")).items}
+    assert kinds[("tor_home", "Prell")] == kinds[("tor_job", "Holm Mill")] == "matrix"
+
+
+def test_update_metrics_score_each_update_on_what_it_retired(tiny):
+    old = Record("tor", 0, "Tor Almqvist lives in Oskeln and works at Tarn Bank.",
+                 (Probe("Tor Almqvist lives in", "Oskeln"), Probe("Tor Almqvist works at", "Tarn Bank")))
+    home = Record("tor_home", 1, "Tor Almqvist now lives in Prell.",
+                  (Probe("Tor Almqvist lives in", "Prell"), Probe("Question: Where does Tor Almqvist live?\nAnswer:", "Prell")),
+                  replaces="tor")
+    stream = Stream([old, home], "t")
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    base = evaluate(tiny.model, tiny.tokenizer, ctx)
+    snap = dataclasses.replace(base, correct=np.array([False, False, True, False]))  # tor x2 (one stale), tor_home x2
+    res = summarise(NoneLearner(tiny, LearnerConfig()), ctx, base, [snap, snap], [[0.0, 0.0]] * 2, 0.0)
+    assert res["updates"] == {"new_answer_acc": 0.5, "stale_persistence": 0.0, "n": 1}  # one of two right is half
 
 
 def test_a_replaces_target_outside_the_stream_is_ignored():

@@ -254,16 +254,20 @@ def learning_curve_auc(steps: Sequence[float], acc: Sequence[float]) -> float:
 def update_metrics(new_correct: np.ndarray, stale_present: np.ndarray) -> dict[str, float]:
     """Knowledge-update metrics over replaced facts.
 
-    ``new_correct[k]``: the new answer of replaced fact k is produced at the end of the stream.
-    ``stale_present[k]``: the old (replaced) answer still appears in the output at the end.
+    ``new_correct[k]``: the fraction (or 0/1) of update k's new probes answered correctly at the end
+    of the stream. ``stale_present[k]``: the fraction of its retired (old-answer) probes whose old
+    answer still comes out at the end. Fractions stay fractions: an update with a cloze and a
+    question probe, one of them right, counts 0.5, not 1.
 
     Returns ``{"new_answer_acc": mean(new_correct), "stale_persistence": mean(stale_present),
     "n": k}`` (means are nan when there are no replaced facts).
     """
-    nc = np.asarray(new_correct, dtype=bool).reshape(-1)
-    sp = np.asarray(stale_present, dtype=bool).reshape(-1)
+    nc = np.asarray(new_correct, dtype=float).reshape(-1)
+    sp = np.asarray(stale_present, dtype=float).reshape(-1)
     if nc.shape != sp.shape:
         raise ValueError(f"new_correct and stale_present differ in length: {nc.shape[0]} vs {sp.shape[0]}")
+    if np.any((nc < 0) | (nc > 1)) or np.any((sp < 0) | (sp > 1)):
+        raise ValueError("new_correct and stale_present are fractions in [0, 1]")
     n = int(nc.shape[0])
     if n == 0:
         return {"new_answer_acc": math.nan, "stale_persistence": math.nan, "n": 0}

@@ -15,6 +15,7 @@ class Item:
     episode: int
     kind: str  # "matrix" | "stale" (old answer of a replaced fact) | "control"
     probe: Probe
+    retired_by: str | None = None  # a stale item: the id of the record that changed its answer
 
 
 @dataclass
@@ -31,15 +32,18 @@ def build_probeset(stream: Stream) -> ProbeSet:
     """Matrix items: probes of learn records, except the old answers a later record replaces, which are
     scored apart as `stale` items. Controls: probes of control records.
 
-    A record that replaces another retires only the old probes whose answers it changes: an old probe
-    is stale when the new record asks the same prompt (case, punctuation and spacing aside) with
-    another answer, or, where it does not ask it, when the old answer no longer appears in its text.
-    An old probe whose answer still holds (a corrected passage restates its other facts) stays in the
-    matrix, in its own episode. Records that replace an id already replaced form a chain: each
-    updates the latest record of it (`updates` lists each link)."""
+    A record that replaces another retires only the old probes whose answers it changes:
+    - where it asks an old probe's prompt again (case, punctuation and spacing aside), that probe is
+      stale when the answer differs, and any old probe whose prompt it does not ask stays live (a
+      partial update, "now lives in Prell", leaves the person's employer alone);
+    - where it asks none of the old prompts, an old probe of the record it names is stale when the
+      old answer no longer appears in its text (the fallback for notes that ask in other words).
+    An old probe whose answer still holds stays in the matrix, in its own episode. Records that
+    replace an id already replaced form a chain: each updates the latest record of it (`updates`
+    lists each link) and may retire, by asking their prompts again, what earlier links kept."""
     succ: dict[str, str] = {}  # record id -> the record that replaced it
     by_id = {r.id: r for r in stream.records}
-    stale: set[tuple[str, int]] = set()  # (record id, probe index)
+    stale: dict[tuple[str, int], str] = {}  # (record id, probe index) -> the record that retired it
     chain: dict[str, list[str]] = {}  # a chain's latest record -> every record in it, oldest first
     updates: list[tuple[str, str]] = []
     for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
@@ -52,19 +56,23 @@ def build_probeset(stream: Stream) -> ProbeSet:
         updates.append((r.id, old))
         links = chain[r.id] = chain.pop(old, [old]) + [r.id]
         asked = {_key(p.prompt): normalise(p.answer) for p in r.probes}
-        for rid in links[:-1]:  # every probe still live along the chain: a later link may change what an earlier one kept
-            for k, p in enumerate(by_id[rid].probes):
-                if (rid, k) in stale:
-                    continue
+        live = [(rid, k, p) for rid in links[:-1] for k, p in enumerate(by_id[rid].probes) if (rid, k) not in stale]
+        reasks = any(_key(p.prompt) in asked for _, _, p in live)
+        for rid, k, p in live:
+            if reasks:
                 new_answer = asked.get(_key(p.prompt))
-                if (normalise(p.answer) != new_answer) if new_answer is not None else not contains_words(r.text, p.answer):
-                    stale.add((rid, k))
+                changed = new_answer is not None and normalise(p.answer) != new_answer
+            else:
+                changed = rid == r.replaces and not contains_words(r.text, p.answer)
+            if changed:
+                stale[(rid, k)] = r.id
     items: list[Item] = []
     for r in stream.records:
         if r.role == "control":
             items.extend(Item(r.id, r.episode, "control", p) for p in r.probes)
         elif r.role == "learn":
-            items.extend(Item(r.id, r.episode, "stale" if (r.id, k) in stale else "matrix", p) for k, p in enumerate(r.probes))
+            items.extend(Item(r.id, r.episode, "stale", p, stale[(r.id, k)]) if (r.id, k) in stale else
+                         Item(r.id, r.episode, "matrix", p) for k, p in enumerate(r.probes))
     return ProbeSet(items, stream.n_episodes, updates)
 
 

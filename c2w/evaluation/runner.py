@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,11 +133,15 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
     learned_at = np.array([ps.items[k].episode for k in matrix_items])
     final = snaps[-1]
 
-    # Updates: the new record's probes (matrix items) vs the replaced record's old answer (stale items).
+    # Updates: the new record's probes (matrix items) vs the old answers it retired (stale items).
     new_ok, stale = [], []
-    for new_id, old_id in ps.updates:
-        n = [k for k in matrix_items if ps.items[k].record_id == new_id]
-        o = [k for k, it in enumerate(ps.items) if it.kind == "stale" and it.record_id == old_id]
+    mine, retired = defaultdict(list), defaultdict(list)  # record id -> its matrix items / the items it retired
+    for k in matrix_items:
+        mine[ps.items[k].record_id].append(k)
+    for k in ps.of("stale"):
+        retired[ps.items[k].retired_by].append(k)
+    for new_id, _ in ps.updates:
+        n, o = mine[new_id], retired[new_id]
         if n and o:
             new_ok.append(float(final.correct[n].mean()))
             stale.append(float(final.correct[o].mean()))
