@@ -29,11 +29,10 @@ def cmd_bench(ns) -> int:
 
 
 def cmd_stream_validate(ns) -> int:
-    from c2w.streams.validate import validate_lines
+    from c2w.streams.validate import read_lines, validate_lines
 
     try:
-        with open(ns.path, encoding="utf-8") as f:
-            records, issues = validate_lines(f)
+        records, issues = validate_lines(read_lines(ns.path))
     except OSError as e:
         print(f"error: cannot read {ns.path}: {e.strerror}", file=sys.stderr)
         return 2

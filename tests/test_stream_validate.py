@@ -67,6 +67,9 @@ def test_good_stream():
     (line(meta="x"), (1, "meta")),
     (line(replaces="nowhere"), (1, "replaces")),                    # replaces to nowhere
     (line(replaces=3), (1, "replaces")),
+    ('{"id": "f1", "episode": 0, "text": "caf\\ud83d"}', (1, "text")),  # a lone surrogate escape
+    ('{"id": "f\\udc00", "episode": 0, "text": "x"}', (1, "id")),
+    (line(probes=[{"prompt": "p", "answer": "\ud83d"}]), (1, "probes[0].answer")),
 ])
 def test_each_bad_line(bad, where):
     records, found, issues = issues_of([bad])
@@ -96,6 +99,15 @@ def test_replaces_forward_and_to_later_episode():
     # same episode is fine
     _, found, _ = issues_of([line(id="a"), line(id="b", replaces="a")])
     assert found == []
+
+
+def test_controls_neither_replace_nor_are_replaced():
+    ctrl = line(id="c1", text="", role="control", probes=[{"prompt": "The capital of France is", "answer": "Paris"}])
+    _, found, issues = issues_of([ctrl, line(id="f2", replaces="c1")])
+    assert found == [(2, "replaces")] and "'c1' is a control record" in issues[0].message
+    _, found, issues = issues_of([line(id="f1"), line(id="c2", text="", role="control", replaces="f1",
+                                                     probes=[{"prompt": "p", "answer": "a"}])])
+    assert found == [(2, "replaces")] and "cannot replace" in issues[0].message
 
 
 def test_episode_gap_and_empty():
@@ -144,6 +156,8 @@ def test_load_stream_errors(tmp_path):
     assert len(e.value.issues) == 2 and isinstance(e.value, ValueError)
     msg = str(e.value)
     assert str(p) in msg and "line 1: field 'episode'" in msg and "line 2: field 'role'" in msg
+    p.write_bytes("\ufeff".encode() + line().encode() + b"\r\n" + line(id="g").encode() + b"\r\n")  # BOM, CRLF
+    assert [r.id for r in load_stream(p).records] == ["f1", "g"]
     p.write_bytes(b"\xff\xfe\n")
     with pytest.raises(StreamError, match="UTF-8"):
         load_stream(p)

@@ -50,6 +50,16 @@ class StreamError(ValueError):
         super().__init__(f"{head}invalid stream, {n} problem{'s' if n != 1 else ''}:\n{lines}")
 
 
+def _surrogate(value: Any) -> str | None:
+    """Where a string holds a lone UTF-16 surrogate ("\\ud83d" escaped alone in JSON, common in
+    scraped text): valid JSON, but not Unicode text, and no tokenizer or hash takes it."""
+    if isinstance(value, str):
+        for k, c in enumerate(value):
+            if "\ud800" <= c <= "\udfff":
+                return f"holds a lone surrogate {c!r} at character {k}: not valid Unicode text (fix the escape)"
+    return None
+
+
 def _got(value: Any) -> str:
     r = repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
@@ -78,6 +88,10 @@ def _check_probes(value: Any, line: int, issues: list[StreamIssue]) -> tuple[Pro
                 ok = False
             elif not isinstance(p[key], str) or not p[key].strip():
                 issues.append(StreamIssue(line, f"{name}.{key}", f"must be a non-empty string, got {_got(p[key])}"))
+                ok = False
+        for key in PROBE_FIELDS:
+            if (bad := _surrogate(p.get(key))) is not None:
+                issues.append(StreamIssue(line, f"{name}.{key}", bad))
                 ok = False
         form = p.get("form", "")
         if not isinstance(form, str):
@@ -130,6 +144,10 @@ def _check_line(obj: Any, line: int, issues: list[StreamIssue]) -> Record | None
     if "replaces" in obj and (not isinstance(replaces, str) or not replaces.strip()):
         issues.append(StreamIssue(line, "replaces", f"must be the id (a string) of an earlier record, got {_got(replaces)}"))
 
+    for key in ("id", "text", "role", "replaces"):
+        if (bad := _surrogate(obj.get(key))) is not None:
+            issues.append(StreamIssue(line, key, bad))
+
     if "meta" in obj and not isinstance(obj["meta"], dict):
         issues.append(StreamIssue(line, "meta", f"must be an object, got {_got(obj['meta'])}"))
 
@@ -145,8 +163,9 @@ def validate_lines(lines: Iterable[str]) -> tuple[list[Record], list[StreamIssue
     records: list[Record] = []
     first_line: dict[str, int] = {}  # id -> line of its first occurrence
     episode_of: dict[str, int] = {}  # id -> episode, for ids whose line had a valid episode
+    role_of: dict[str, Any] = {}  # id -> role as written
     episodes: set[int] = set()
-    pending: list[tuple[int, str, int | None]] = []  # (line, replaces, episode) checked at the end
+    pending: list[tuple[int, str, int | None, Any]] = []  # (line, replaces, episode, role) checked at the end
     n_lines = 0
 
     for n, raw in enumerate(lines, start=1):
@@ -171,15 +190,20 @@ def validate_lines(lines: Iterable[str]) -> tuple[list[Record], list[StreamIssue
                 rec = None
             else:
                 first_line[rid] = n
+                role_of[rid] = obj.get("role", "learn")
                 if ep_ok:
                     episode_of[rid] = ep
         if isinstance(obj.get("replaces"), str) and obj["replaces"].strip():
-            pending.append((n, obj["replaces"], ep if ep_ok else None))
+            pending.append((n, obj["replaces"], ep if ep_ok else None, obj.get("role", "learn")))
         if rec is not None:
             records.append(rec)
 
-    for n, target, ep in pending:
-        if target not in first_line:
+    for n, target, ep, role in pending:
+        if role == "control" or role_of.get(target) == "control":
+            which = "a control record cannot replace another" if role == "control" else f"{target!r} is a control record"
+            issues.append(StreamIssue(n, "replaces", f"{which}: controls are facts that must stay true (a fact that "
+                                                     "changes is a learn record)"))
+        elif target not in first_line:
             issues.append(StreamIssue(n, "replaces", f"refers to id {target!r}, which is not in the stream"))
         elif first_line[target] >= n:
             issues.append(StreamIssue(n, "replaces", f"must refer to an earlier line, but {target!r} "
@@ -213,18 +237,23 @@ def _gaps(episodes: set[int], show: int = 10) -> str:
     return ", ".join(runs[:show]) + more
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """A stream file's lines. A leading byte-order mark (Windows tools write one) is dropped; "\r\n"
+    and "\r" end lines as "\n" does. Lines end at those only: str.splitlines would also cut at
+    U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    return Path(path).read_text(encoding="utf-8-sig").split("\n")
+
+
 def load_stream(path: str | Path) -> Stream:
     """Load and validate a stream file; raise StreamError listing every problem."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"stream file not found: {p}" + (" (it is a directory)" if p.is_dir() else ""))
     try:
-        content = p.read_text(encoding="utf-8")
+        lines = read_lines(p)
     except UnicodeDecodeError as e:
         raise StreamError([StreamIssue(0, "", f"not UTF-8 text: {e}")], p) from None
-    # JSONL lines end at "\n" only: str.splitlines would also cut at U+2028, U+2029 or U+0085,
-    # which json.dumps(ensure_ascii=False) leaves raw inside strings
-    records, issues = validate_lines(content.split("\n"))
+    records, issues = validate_lines(lines)
     if issues:
         raise StreamError(issues, p)
     return Stream(records=records, name=p.stem)
