@@ -54,6 +54,11 @@ def test_format_prompts(tiny):
     (" «Oskeln» is the town", "Oskeln", True),  # guillemets
     (" Parisian food", "Paris", False),         # Latin text unchanged: whole words
     (" Paris, France", "Paris", True),
+    (" It was 20°C at noon.", "20", True),      # symbols are spaces too: degrees, currencies, math
+    (" It cost €5 million.", "5 million", True),
+    (" -3°C overnight", "-3 °C", True),
+    (" about 200 km", "≈200 km", True),
+    (" 20°C", "2", False),
 ])
 def test_unicode_punctuation_and_cjk_words(cont, answer, correct):
     assert is_correct(cont, answer) is correct

@@ -61,7 +61,8 @@ def _run(run: str) -> str:
 
 
 def normalise(s: str, numbers: bool = True) -> str:
-    """Lower case, punctuation (ASCII, and every Unicode punctuation mark: 。،«» ...) to spaces, each
+    """Lower case, punctuation and symbols (ASCII, and every Unicode punctuation mark and symbol: 。،«»,
+    °€£×≈ ..., so "20°C" holds "20" and "€5" holds "5") to spaces, each
     CJK character spaced as a word of its own, whitespace collapsed. numbers: keep a number's sign and
     decimal point and drop its thousands commas (the rules above); False: split at them too (the word
     sets of the gate's novelty and of RAG's retrieval, as they were chosen)."""
@@ -77,7 +78,7 @@ def normalise(s: str, numbers: bool = True) -> str:
         s = _NUM.sub(_number, s)
     s = _PUNCT.sub(" ", s)
     if not s.isascii():
-        s = "".join(" " if unicodedata.category(c)[0] == "P" else f" {c} " if _cjk(c) else c for c in s)
+        s = "".join(" " if unicodedata.category(c)[0] in "PS" else f" {c} " if _cjk(c) else c for c in s)
     if numbers:
         s = s.replace(_POINT, ".").replace(_MINUS, "-").replace(_COLON, ":")
     return " ".join(s.split())
