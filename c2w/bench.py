@@ -75,6 +75,20 @@ def unscorable(stream: Stream) -> list[str]:
     return [p.answer for r in stream.records for p in r.probes if not normalise(p.answer)]
 
 
+def unscored(stream: Stream) -> list[str]:
+    """What the stream asks that no metric will count: updates whose replacing record has no probes of its
+    own (or is not a learn record) or changes no old answer, and probes on noise or duplicate records."""
+    ps, out = build_probeset(stream), []
+    measured = {it.record_id for it in ps.items if it.kind == "matrix"} & {it.retired_by for it in ps.items}
+    if lost := [f"{new} (replaces {old})" for new, old in ps.updates if new not in measured]:
+        out.append(f"{len(lost)} update(s) are left out of updates.* ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): "
+                   f"the replacing record has no probes of its own, is not a learn record, or changes no old answer")
+    if n := sum(len(r.probes) for r in stream.records if r.role in ("noise", "duplicate")):
+        out.append(f"{n} probe(s) on noise or duplicate records are not scored (learn and control records' probes are; known records' "
+                   "tell whether the base knows the fact)")
+    return out
+
+
 def observed_lengths(tokenizer, stream: Stream) -> list[tuple[int, int]]:
     """(episode, tokens) of each text a learner observes (controls are never observed)."""
     return [(r.episode, len(tokenizer(r.text).input_ids)) for r in stream.records if r.observed and r.text.strip()]
@@ -165,6 +179,8 @@ def bench(cfg: BenchConfig) -> dict:
         raise FileExistsError(f"{out} already holds a run (results.json); choose another --out, or pass --overwrite "
                               f"to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    for line in unscored(streams[seeds[0]]):
+        tqdm.write(f"c2w bench: {line}")
     bb, controls, passages, base_lp = prepare(cfg)
     lengths = {s: observed_lengths(bb.tokenizer, st) for s, st in streams.items()}  # one tokenisation pass
     tokens = {s: episode_tokens(bb.tokenizer, st, lengths[s]) for s, st in streams.items()}

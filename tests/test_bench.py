@@ -7,6 +7,7 @@ import pytest
 from c2w.bench import BenchConfig, bench
 from c2w.config import GENERATOR_ONLY
 from c2w.learners import BASELINES
+from c2w.streams.records import Probe, Record, Stream
 
 TIMING = {"wall_s", "train_s", "setup_s", "peak_mem_mb", "probe_latency_ratio"}
 
@@ -110,7 +111,6 @@ def test_base_answers_finds_what_the_frozen_base_really_says(tiny):
 def test_budget_counts_observed_text_and_warns_when_thin(tiny):
     from c2w.bench import episode_tokens
     from c2w.learners.train import MIN_PASSES, thin_budget
-    from c2w.streams.records import Probe, Record, Stream
 
     n = len(tiny.tokenizer("word " * 50).input_ids)
     stream = Stream([Record("a", 0, "word " * 50, (Probe("p", "x"),)),
@@ -169,7 +169,6 @@ def test_generator_flags_with_a_stream_file_are_refused(tmp_path):
 
 
 def test_texts_longer_than_a_write_step_keeps_are_reported(tmp_path, capsys):
-    from c2w.streams.records import Probe, Record, Stream
     from c2w.streams.validate import write_stream
 
     long = " ".join(["The old stone bridge over the valley was rebuilt."] * 40) + " Mira was born in Oskeln."
@@ -182,9 +181,22 @@ def test_texts_longer_than_a_write_step_keeps_are_reported(tmp_path, capsys):
     assert "1 observed text(s) are longer than 128 tokens" in cap.out + cap.err
 
 
+def test_updates_and_probes_no_metric_counts_are_named():
+    from c2w.bench import unscored
+
+    old = Record("a", 0, "Tor lives in Oskeln.", (Probe("Tor lives in", "Oskeln"),))
+    bare = Record("b", 1, "Tor now lives in Prell.", (), replaces="a")  # no probes: nothing to score the update on
+    same = Record("c", 1, "Tor lives in Oskeln, still.", (Probe("Tor lives in", "Oskeln"),), replaces="b")
+    noise = Record("n", 1, "qz7 plorb", (Probe("qz7", "plorb"),), role="noise")
+    lines = unscored(Stream([old, bare, same, noise], "t"))
+    assert len(lines) == 2 and "2 update(s)" in lines[0] and "b (replaces a)" in lines[0] and "c (replaces b)" in lines[0]
+    assert lines[1].startswith("1 probe(s) on noise")
+    good = Record("d", 1, "Tor now lives in Prell.", (Probe("Tor lives in", "Prell"),), replaces="a")
+    assert unscored(Stream([old, good], "t")) == []
+
+
 def test_answers_without_a_letter_or_digit_are_named_as_unscorable():
     from c2w.bench import unscorable
-    from c2w.streams.records import Probe, Record, Stream
 
     st = Stream([Record("a", 0, "The Orvik index uses the symbol %.", (Probe("The Orvik index uses the symbol", "%"),
                                                                         Probe("The index is named after", "Orvik"))),
