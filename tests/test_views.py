@@ -35,6 +35,18 @@ def test_sentences_split_only_before_a_capital_or_digit():
     assert sentences("It costs 3.5 units. done") == ["It costs 3.5 units. done"]
 
 
+def test_lines_and_sentences_of_other_scripts_are_sentences():
+    # a list without full stops is a sentence a line: one 12-line "sentence" kept 8 spans and ran past max_len
+    assert sentences("Populations:\n  Oskeln 1200\nPrell 900 \n\n") == ["Populations:", "Oskeln 1200", "Prell 900"]
+    assert sentences("東京は首都です。大阪は都市です。") == ["東京は首都です。", "大阪は都市です。"]  # no space after 。
+    assert sentences("यह एक वाक्य है। यह दूसरा है।") == ["यह एक वाक्य है।", "यह दूसरा है।"]
+    assert sentences("جاء الولد. ذهب البيت.") == ["جاء الولد.", "ذهب البيت."]  # a script without case
+    assert sentences("Mira left, e.g. for Prell. then back") == ["Mira left, e.g. for Prell. then back"]
+    assert [v for v in mechanical_views("Oskeln 1200\nPrell 900") if v.startswith("Question")] == [
+        "Question: What 1200?\nAnswer: Oskeln.", "Question: Oskeln what?\nAnswer: 1200.",
+        "Question: What 900?\nAnswer: Prell.", "Question: Prell what?\nAnswer: 900."]
+
+
 def test_end_words_ask_for_a_lower_case_answer_at_the_sentence_end():
     from c2w.memory.views import end_focus
 

@@ -26,7 +26,8 @@ from c2w.fast import greedy_decode
 UPPER = "[" + "".join(re.escape(c) for c in map(chr, range(0x10000)) if c.isupper() or c.istitle()) + "]"
 # Capitalised word runs (allowing lower-case particles inside: "Bank of Oskeln") and numbers.
 _SPAN = re.compile(rf"\b(?:{UPPER}[\w'’-]+(?:\s+(?:of|de|van|von|the)\s+{UPPER}[\w'’-]+|\s+{UPPER}[\w'’-]+)*|\d[\d.,]*\d|\d)\b")
-_SENTENCE_END = re.compile(rf"(?<=[.!?])\s+(?={UPPER}|\d)")
+_FULL_STOPS = "。！？।॥"  # sentence ends of scripts that need no space after them
+_GAP = re.compile(rf"\s+|(?<=[{_FULL_STOPS}])")  # where a sentence may end: a run of spaces, or right after one
 _STOP = {"The", "A", "An", "In", "On", "At", "It", "He", "She", "They", "This", "That", "These", "Those", "After",
          "Before", "Born", "Since", "When", "While", "Its", "His", "Her", "Their", "As", "By", "For", "From", "To"}
 
@@ -64,14 +65,25 @@ def end_focus(sentence: str) -> str | None:
 
 
 def sentences(text: str) -> list[str]:
-    """Split at ., ! or ? followed by a space and a capital or digit (keeps "St. Ives" mostly whole)."""
-    parts = _SENTENCE_END.split(text.strip())
-    return [p for p in parts if p]
+    """Split at line breaks (a list or table is a sentence a line), after 。！？ and the Devanagari
+    danda (।, ॥; no space needed), and at ., ! or ? followed by a space and a word that does not start
+    lower case: a capital, a digit, or a letter of a script without case (Arabic, Hebrew, Devanagari).
+    "e.g. the" stays whole; "St. Ives" does not."""
+    text, out, start = text.strip(), [], 0
+    for m in _GAP.finditer(text):
+        a, b = m.span()
+        before, after = text[a - 1:a], text[b:b + 1]
+        if after and ("\n" in m.group() or before in _FULL_STOPS
+                      or before in ".!?" and (after.isdecimal() or after.isalpha() and not after.islower())):
+            out.append(text[start:a])
+            start = b
+    out.append(text[start:])
+    return [p for p in (s.strip() for s in out) if p]
 
 
 def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
-    q = sentence.rstrip(" .!?")
+    q = sentence.rstrip(" .!?" + _FULL_STOPS)
     # where the span stands on its own: "31" in "In 1931 the club had 31 members" is the second match,
     # and neither "5" in "3.5" nor "500" in "1,500" nor "Olaf" in "Olaf-Peter" is the span
     m = re.search(rf"(?<![\w'’.,-]){re.escape(span)}(?![\w'’-]|[.,]\d)", q)
