@@ -126,6 +126,22 @@ def test_case_and_invisible_marks_do_not_matter(cont, answer):
 
 
 @pytest.mark.parametrize("cont, answer, correct", [
+    (" B. Paris is the capital", "B", True),    # multiple choice: the letter first
+    (" (b) Paris", "B", True),
+    (" a city in France", "A", False),          # the article is no answer "A"
+    (" A city in France", "A", False),
+    (" B", "B", True),
+    (" b) Paris", "B", True),
+    (" I think it is B", "I", False),           # the pronoun
+    (" The answer is B", "B", False),           # a letter later in the line is not read as the answer
+    (" 7 days", "7", True),                     # digits keep the whole-word rule
+    (" about 7", "7", True),
+])
+def test_a_one_letter_answer_must_come_first(cont, answer, correct):
+    assert is_correct(cont, answer) is correct
+
+
+@pytest.mark.parametrize("cont, answer, correct", [
     (" United States", "the United States", True),   # a leading article may be left out
     (" the United States", "the United States", True),
     (" Hague", "The Hague", True),

@@ -96,14 +96,21 @@ def contains_words(haystack: str, needle: str) -> bool:
     return bool(n) and f" {n} " in f" {normalise(haystack)} "
 
 
+_LETTER = re.compile(r"[\s(\[«\"'“‘]*([^\W\d_])(?=\s*$|[^\w\s])")  # a lone letter opening a line
 _ARTICLE = re.compile(r"(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
 
 
 def is_correct(continuation: str, answer: str) -> bool:
     """The lenient-but-honest rule: answer as whole words in the first non-empty line. An answer's
     leading English article may be left out ("United States" answers "the United States"); only a
-    leading one: "vitamin C" never answers "Vitamin A"."""
+    leading one: "vitamin C" never answers "Vitamin A". A one-letter answer (a multiple-choice "A")
+    must open the line on its own ("B", "B.", "(b) Paris"): anywhere in the line, or before a word
+    ("A city"), it is the article "a" or the pronoun "I" as often as an answer."""
     line = first_line(continuation)
+    n = normalise(answer)
+    if len(n) == 1 and n.isalpha():
+        m = _LETTER.match(line)
+        return bool(m) and normalise(m.group(1)) == n
     if contains_words(line, answer):
         return True
     bare = _ARTICLE.sub("", answer.strip(), count=1) if _ARTICLE.match(answer.strip()) else ""
