@@ -69,12 +69,20 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     assert len(merge_results([{**a, "config": fp1}, {**b, "config": f}], ["a", "c"])["methods"]) == 3
     with pytest.raises(MergeError, match="stream_sha256"):  # a first run without one does not let the others differ
         merge_results([{**a, "config": f}, {**b, "config": fp1}, {**b, "config": fp2}], ["a", "b", "c"])
+    # one file reached by two paths is one stream when the content says so; without fingerprints the path decides
+    moved = {**fp1, "stream": "/data/s.jsonl"}
+    assert len(merge_results([{**a, "config": fp1}, {**b, "config": moved}], ["a", "c"])["methods"]) == 3
+    with pytest.raises(MergeError, match="differs in stream"):
+        merge_results([{**a, "config": f}, {**b, "config": {**f, "stream": "/data/s.jsonl"}}], ["a", "c"])
     for name, r in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
     assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     assert "c2w-no-gate" in (tmp_path / "m" / "report.md").read_text()
     assert cli.main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2
+    (tmp_path / "a" / "report.md").write_text("# not json")  # a run's report given for its results: one clear line
+    assert cli.main(["report", str(tmp_path / "a" / "report.md"), "--out", str(tmp_path / "m2")]) == 2
+    assert "not a bench run's results.json" in capsys.readouterr().err
     # a merged report may be rewritten; a bench run's own results.json is never replaced unasked
     assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     before = (tmp_path / "b" / "results.json").read_text()

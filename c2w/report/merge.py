@@ -26,7 +26,13 @@ def load_results(path: str | Path) -> dict:
     p = p / "results.json" if p.is_dir() else p
     if not p.exists():
         raise FileNotFoundError(f"no results.json at {p}")
-    return json.loads(p.read_text())
+    try:
+        r = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeError(f"{p} is not a bench run's results.json (give the run's folder or its results.json): {e}") from None
+    if not isinstance(r, dict) or "methods" not in r:
+        raise MergeError(f"{p} is not a bench run's results.json: it has no 'methods'")
+    return r
 
 
 def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
@@ -41,9 +47,13 @@ def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
     keys = SAME if first.get("stream", "fictional") == "fictional" else [k for k in SAME if k not in GENERATOR_ONLY]
     ref = next((r["config"]["stream_sha256"] for r in runs if r.get("config", {}).get("stream_sha256") is not None), None)
     for name, r in zip(names[1:], runs[1:]):
-        diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k)]
-        # the streams' content, against the first run that recorded it (runs before session 23 did not)
-        if None not in (fp := r.get("config", {}).get("stream_sha256"), ref) and fp != ref:
+        fp = r.get("config", {}).get("stream_sha256")
+        # the streams' content, against the first run that recorded it (runs before session 23 did not);
+        # where both have it, it alone says whether the streams are the same: one file reached by two
+        # paths is one stream
+        known = None not in (fp, ref)
+        diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k) and not (known and k == "stream")]
+        if known and fp != ref:
             diff.append("stream_sha256 (the streams' content)")
         if diff:
             raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
