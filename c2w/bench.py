@@ -76,16 +76,26 @@ def unscorable(stream: Stream) -> list[str]:
 
 
 def unscored(stream: Stream) -> list[str]:
-    """What the stream asks that no metric will count: updates whose replacing record has no probes of its
-    own (or is not a learn record) or changes no old answer, and probes on noise or duplicate records."""
+    """What the stream asks that no metric will count, or counts in a way worth knowing: updates whose
+    replacing record has no probes of its own (or is not a learn record) or changes no old answer
+    (an update replaced in turn is measured through the later one: not named), old probes a record
+    leaves in the matrix though its text no longer states their answer, and probes on noise or
+    duplicate records."""
     ps, out = build_probeset(stream), []
     measured = {it.record_id for it in ps.items if it.kind == "matrix"} & {it.retired_by for it in ps.items}
-    if lost := [f"{new} (replaces {old})" for new, old in ps.updates if new not in measured]:
+    replaced_later = {it.record_id for it in ps.items if it.kind == "stale"}
+    if lost := [f"{new} (replaces {old})" for new, old in ps.updates if new not in measured and new not in replaced_later]:
         out.append(f"{len(lost)} update(s) are left out of updates.* ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): "
                    f"the replacing record has no probes of its own, is not a learn record, or changes no old answer")
+    by_id = {r.id: r for r in stream.records}
+    kept = [f"{by_id[rid].probes[k].answer!r} of {rid} (by {by})" for rid, k, by in ps.unstated]
+    if kept:
+        out.append(f"{len(kept)} old answer(s) stay in the matrix though the record replacing theirs no longer states them "
+                   f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): it asks other old prompts again, so it is "
+                   f"read as a partial update; if these facts changed too, ask their prompts in the replacing record")
     if n := sum(len(r.probes) for r in stream.records if r.role in ("noise", "duplicate")):
-        out.append(f"{n} probe(s) on noise or duplicate records are not scored (learn and control records' probes are; known records' "
-                   "tell whether the base knows the fact)")
+        out.append(f"{n} probe(s) on noise or duplicate records are not scored (learn and control records' probes are; known "
+                   f"records' tell whether the base knows the fact)")
     return out
 
 

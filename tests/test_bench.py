@@ -191,8 +191,17 @@ def test_updates_and_probes_no_metric_counts_are_named():
     lines = unscored(Stream([old, bare, same, noise], "t"))
     assert len(lines) == 2 and "2 update(s)" in lines[0] and "b (replaces a)" in lines[0] and "c (replaces b)" in lines[0]
     assert lines[1].startswith("1 probe(s) on noise")
+    dup = Record("n", 1, "Tor lives in Oskeln.", (Probe("Tor lives in", "Oskeln"),), role="duplicate")
+    assert unscored(Stream([old, dup], "t"))[0].startswith("1 probe(s) on noise or duplicate")
     good = Record("d", 1, "Tor now lives in Prell.", (Probe("Tor lives in", "Prell"),), replaces="a")
     assert unscored(Stream([old, good], "t")) == []
+    later = Record("e", 2, "Tor now lives in Vemdal.", (Probe("Tor lives in", "Vemdal"),), replaces="a")
+    assert unscored(Stream([old, good, later], "t")) == []  # d, replaced in turn, is measured through e
+    # a partial update keeps the facts it does not ask; where its text drops one, the user is told
+    two = Record("a", 0, "Tor lives in Oskeln and works at Tarn Bank.",
+                 (Probe("Tor lives in", "Oskeln"), Probe("Tor works at", "Tarn Bank")))
+    lines = unscored(Stream([two, good], "t"))
+    assert len(lines) == 1 and "'Tarn Bank' of a (by d)" in lines[0] and "partial update" in lines[0]
 
 
 def test_answers_without_a_letter_or_digit_are_named_as_unscorable():

@@ -74,6 +74,8 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     assert len(merge_results([{**a, "config": fp1}, {**b, "config": moved}], ["a", "c"])["methods"]) == 3
     with pytest.raises(MergeError, match="differs in stream"):
         merge_results([{**a, "config": f}, {**b, "config": {**f, "stream": "/data/s.jsonl"}}], ["a", "c"])
+    with pytest.raises(MergeError, match="differs in stream"):  # a first run without one: the paths decide
+        merge_results([{**a, "config": f}, {**b, "config": {**fp1, "stream": "/data/other.jsonl"}}], ["a", "c"])
     for name, r in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
@@ -83,6 +85,9 @@ def test_merge_joins_runs_over_the_same_streams_and_refuses_others(tmp_path, cap
     (tmp_path / "a" / "report.md").write_text("# not json")  # a run's report given for its results: one clear line
     assert cli.main(["report", str(tmp_path / "a" / "report.md"), "--out", str(tmp_path / "m2")]) == 2
     assert "not a bench run's results.json" in capsys.readouterr().err
+    (tmp_path / "a" / "other.json").write_text('{"config": {}}')
+    assert cli.main(["report", str(tmp_path / "a" / "other.json"), "--out", str(tmp_path / "m2")]) == 2
+    assert "has no 'methods'" in capsys.readouterr().err
     # a merged report may be rewritten; a bench run's own results.json is never replaced unasked
     assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     before = (tmp_path / "b" / "results.json").read_text()

@@ -212,6 +212,19 @@ def test_update_metrics_score_each_update_on_what_it_retired(tiny):
     snap = dataclasses.replace(base, correct=np.array([False, False, True, False]))  # tor x2 (one stale), tor_home x2
     res = summarise(NoneLearner(tiny, LearnerConfig()), ctx, base, [snap, snap], [[0.0, 0.0]] * 2, 0.0)
     assert res["updates"] == {"new_answer_acc": 0.5, "stale_persistence": 0.0, "n": 1}  # one of two right is half
+    # two updates of one record: each is scored on the old answer it retired, not on every stale probe of the record
+    job = Record("tor_job", 2, "Tor Almqvist now works at Holm Mill.", (Probe("Tor Almqvist works at", "Holm Mill"),),
+                 replaces="tor")
+    stream = Stream([old, home, job], "t")
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    base = evaluate(tiny.model, tiny.tokenizer, ctx)
+    # items: Oskeln (stale, by tor_home), Tarn Bank (stale, by tor_job), Prell x2, Holm Mill
+    snap = dataclasses.replace(base, correct=np.array([True, False, True, True, False]))
+    res = summarise(NoneLearner(tiny, LearnerConfig()), ctx, base, [snap] * 3, [[0.0, 0.0]] * 3, 0.0)
+    assert res["updates"] == {"new_answer_acc": 0.5, "stale_persistence": 0.5, "n": 2}
+    snap = dataclasses.replace(base, correct=np.array([False, True, True, True, False]))  # Tarn Bank persists
+    res = summarise(NoneLearner(tiny, LearnerConfig()), ctx, base, [snap] * 3, [[0.0, 0.0]] * 3, 0.0)
+    assert res["updates"]["stale_persistence"] == 0.5
 
 
 def test_a_replaces_target_outside_the_stream_is_ignored():

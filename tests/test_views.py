@@ -42,6 +42,13 @@ def test_lines_and_sentences_of_other_scripts_are_sentences():
     assert sentences("यह एक वाक्य है। यह दूसरा है।") == ["यह एक वाक्य है।", "यह दूसरा है।"]
     assert sentences("جاء الولد. ذهب البيت.") == ["جاء الولد.", "ذهب البيت."]  # a script without case
     assert sentences("Mira left, e.g. for Prell. then back") == ["Mira left, e.g. for Prell. then back"]
+    # prose wrapped by hand goes on across its line breaks; a list item or a blank line ends a sentence
+    wrapped = "The Karsten Bridge over the river Ost opened to traffic in\n1933 in the city of Vemdal, after four years."
+    assert sentences(wrapped) == [wrapped]
+    assert sentences("Members of the board of the Karsten Bridge Company were\n- Mira Holm\n2. Tor Lund\r\nb) Agnes") == [
+        "Members of the board of the Karsten Bridge Company were", "- Mira Holm", "2. Tor Lund", "b) Agnes"]
+    assert sentences("A paragraph that ends without its full stop, as headings do\n\nNext one") == [
+        "A paragraph that ends without its full stop, as headings do", "Next one"]
     assert [v for v in mechanical_views("Oskeln 1200\nPrell 900") if v.startswith("Question")] == [
         "Question: What 1200?\nAnswer: Oskeln.", "Question: Oskeln what?\nAnswer: 1200.",
         "Question: What 900?\nAnswer: Prell.", "Question: Prell what?\nAnswer: 900."]

@@ -3,7 +3,7 @@ evaluator alone; learners never see any of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from c2w.evaluation.scoring import contains_words, normalise
 from c2w.streams.records import Probe, Stream
@@ -23,6 +23,9 @@ class ProbeSet:
     items: list[Item]
     n_episodes: int
     updates: list[tuple[str, str]]  # (new record id, replaced record id)
+    # old probes a replacing record kept (it asks other old prompts again) though its text drops their answer:
+    # (record id, probe index, replacing record id); a later link may still retire them
+    unstated: list[tuple[str, int, str]] = field(default_factory=list)
 
     def of(self, kind: str, episode: int | None = None) -> list[int]:
         return [k for k, it in enumerate(self.items) if it.kind == kind and (episode is None or it.episode == episode)]
@@ -46,6 +49,7 @@ def build_probeset(stream: Stream) -> ProbeSet:
     stale: dict[tuple[str, int], str] = {}  # (record id, probe index) -> the record that retired it
     chain: dict[str, list[str]] = {}  # a chain's latest record -> every record in it, oldest first
     updates: list[tuple[str, str]] = []
+    unstated: list[tuple[str, int, str]] = []
     for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
         if not r.replaces or r.replaces not in by_id:
             continue
@@ -66,6 +70,8 @@ def build_probeset(stream: Stream) -> ProbeSet:
                 changed = rid == r.replaces and not contains_words(r.text, p.answer)
             if changed:
                 stale[(rid, k)] = r.id
+            elif reasks and _key(p.prompt) not in asked and not contains_words(r.text, p.answer):
+                unstated.append((rid, k, r.id))
     items: list[Item] = []
     for r in stream.records:
         if r.role == "control":
@@ -73,7 +79,7 @@ def build_probeset(stream: Stream) -> ProbeSet:
         elif r.role == "learn":
             items.extend(Item(r.id, r.episode, "stale", p, stale[(r.id, k)]) if (r.id, k) in stale else
                          Item(r.id, r.episode, "matrix", p) for k, p in enumerate(r.probes))
-    return ProbeSet(items, stream.n_episodes, updates)
+    return ProbeSet(items, stream.n_episodes, updates, [u for u in unstated if u[:2] not in stale])
 
 
 def _key(prompt: str) -> str:

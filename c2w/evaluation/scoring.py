@@ -96,7 +96,7 @@ def contains_words(haystack: str, needle: str) -> bool:
     return bool(n) and f" {n} " in f" {normalise(haystack)} "
 
 
-_LETTER = re.compile(r"[\s(\[«\"'“‘]*([^\W\d_])(?=\s*$|[^\w\s])")  # a lone letter opening a line
+_LETTER = re.compile(r"[\s(\[«\"'“‘*_]*([^\W\d_])(?=\s*$|[^\w\s]|_)")  # a lone letter opening a line ("**B**")
 _ARTICLE = re.compile(r"(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
 
 
@@ -108,7 +108,7 @@ def is_correct(continuation: str, answer: str) -> bool:
     ("A city"), it is the article "a" or the pronoun "I" as often as an answer."""
     line = first_line(continuation)
     n = normalise(answer)
-    if len(n) == 1 and n.isalpha():
+    if len(n) == 1 and n.isalpha() and not _cjk(n):  # an ideograph is a word of its own (see normalise)
         m = _LETTER.match(line)
         return bool(m) and normalise(m.group(1)) == n
     if contains_words(line, answer):

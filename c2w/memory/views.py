@@ -28,6 +28,9 @@ UPPER = "[" + "".join(re.escape(c) for c in map(chr, range(0x10000)) if c.isuppe
 _SPAN = re.compile(rf"\b(?:{UPPER}[\w'’-]+(?:\s+(?:of|de|van|von|the)\s+{UPPER}[\w'’-]+|\s+{UPPER}[\w'’-]+)*|\d[\d.,]*\d|\d)\b")
 _FULL_STOPS = "。！？।॥"  # sentence ends of scripts that need no space after them
 _GAP = re.compile(rf"\s+|(?<=[{_FULL_STOPS}])")  # where a sentence may end: a run of spaces, or right after one
+_LINE_BREAKS = "\n\r\u2028\u2029\x85"
+WRAP = 50  # prose wrapped by hand runs 60-80 characters a line; list items, table rows and headings are shorter
+_ITEM = re.compile(r"(?:[-*•·–]|\d{1,3}[.)]|[a-z][.)])\s")  # "- x", "• x", "3. x", "b) x"
 _STOP = {"The", "A", "An", "In", "On", "At", "It", "He", "She", "They", "This", "That", "These", "Those", "After",
          "Before", "Born", "Since", "When", "While", "Its", "His", "Her", "Their", "As", "By", "For", "From", "To"}
 
@@ -65,22 +68,34 @@ def end_focus(sentence: str) -> str | None:
 
 
 def sentences(text: str) -> list[str]:
-    """Split at line breaks (a list or table is a sentence a line), after 。！？ and the Devanagari
-    danda (।, ॥; no space needed), and at ., ! or ? followed by a space and a word that does not start
-    lower case: a capital, a digit, or a letter of a script without case (Arabic, Hebrew, Devanagari).
-    "e.g. the" stays whole; "St. Ives" does not."""
+    """Split after 。！？ and the Devanagari danda (।, ॥; no space needed); at ., ! or ? followed by a
+    space and a word that does not start lower case (a capital, a digit, or a letter of a script
+    without case: Arabic, Hebrew, Devanagari); and at a line break that ends a line of a list, a
+    table or a heading, not one that wraps prose (`_ends_line`). "e.g. the" stays whole; "St. Ives"
+    does not."""
     text, out, start = text.strip(), [], 0
     for m in _GAP.finditer(text):
         a, b = m.span()
         before, after = text[a - 1:a], text[b:b + 1]
-        if after and ("\n" in m.group() or before in _FULL_STOPS
-                      or before in ".!?" and (after.isdecimal() or after.isalpha() and not after.islower())):
+        if after and (before in _FULL_STOPS or _ends_line(text, a, b)
+                      or before in ".!?" and (after.isdecimal() or after.isalpha() and not after.islower())
+                      and not _ITEM.fullmatch(text, text.rfind("\n", 0, a) + 1, b)):  # "2. Tor Lund": an item's number
             out.append(text[start:a])
             start = b
     out.append(text[start:])
     return [p for p in (s.strip() for s in out) if p]
 
 
+def _ends_line(text: str, a: int, b: int) -> bool:
+    """Whether the spaces text[a:b] hold a line break that ends a sentence: a blank line, a line ending in
+    . ! ? : or ;, a short line (under WRAP characters: a list item, a table row, a heading), or a
+    next line opening a list item. A long line broken mid-sentence is hard-wrapped prose and goes on."""
+    gap = text[a:b]
+    breaks = sum(gap.count(c) for c in _LINE_BREAKS)
+    if not breaks:
+        return False
+    line = a - text.rfind("\n", 0, a) - 1  # the ended line's length
+    return breaks > 1 or text[a - 1] in ".!?:;" or line < WRAP or bool(_ITEM.match(text, b))
 def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
     q = sentence.rstrip(" .!?" + _FULL_STOPS)

@@ -51,9 +51,9 @@ def merge_results(runs: list[dict], names: list[str] | None = None) -> dict:
         # the streams' content, against the first run that recorded it (runs before session 23 did not);
         # where both have it, it alone says whether the streams are the same: one file reached by two
         # paths is one stream
-        known = None not in (fp, ref)
+        known = None not in (fp, first.get("stream_sha256"))
         diff = [k for k in keys if r.get("config", {}).get(k) != first.get(k) and not (known and k == "stream")]
-        if known and fp != ref:
+        if None not in (fp, ref) and fp != ref:
             diff.append("stream_sha256 (the streams' content)")
         if diff:
             raise MergeError(f"{name} did not run on the same streams as {names[0]}: differs in {', '.join(diff)}")
