@@ -118,7 +118,8 @@ def learner_config(cfg: BenchConfig, method: str, seed: int, lr: float | None = 
 
 
 def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Record], passages, base_lp,
-             methods: list[str], lrs: dict[str, float], seed: int, bar=None) -> dict[str, dict]:
+             methods: list[str], lrs: dict[str, float], seed: int, bar=None, done=None) -> dict[str, dict]:
+    """Every method through one seed's stream; `done(method, result)` is called as each one finishes."""
     if controls and not any(r.role == "control" for r in stream.records):
         stream = add_controls(stream, controls)
     # `known` records are real facts the base *likely* knows; the gate is also judged on those it
@@ -135,6 +136,8 @@ def run_seed(bb: Backbone, cfg: BenchConfig, stream: Stream, controls: list[Reco
         learner = make_learner(m, bb, learner_config(cfg, m, seed, lrs.get(m)))
         out[m] = run_learner(learner, ctx, base, bar, setup_s=time.perf_counter() - t0)
         del learner
+        if done is not None:
+            done(m, out[m])
     return out
 
 
@@ -214,10 +217,27 @@ def bench(cfg: BenchConfig) -> dict:
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if search and not skipped else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
-    with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:
-        for s in seeds:
-            for m, r in run_seed(bb, cfg, streams[s], controls, passages, base_lp, cfg.methods, lrs, s, bar).items():
-                runs[m].append(r)
+    # every finished (seed, method) run is kept in partial.json as it ends, so a crash or Ctrl-C hours
+    # in loses only the run under way; the file goes once results.json is written
+    partial, finished = out / "partial.json", []
+
+    def keep(seed: int, m: str, r: dict) -> None:
+        finished.append({"seed": seed, "method": m, "result": r})
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "learning_rates": lrs,
+                                            "finished": finished}), indent=1))
+        tmp.replace(partial)
+
+    try:
+        with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:
+            for s in seeds:
+                for m, r in run_seed(bb, cfg, streams[s], controls, passages, base_lp, cfg.methods, lrs, s, bar,
+                                     done=lambda m, r, s=s: keep(s, m, r)).items():
+                    runs[m].append(r)
+    except BaseException:
+        if finished:
+            tqdm.write(f"c2w bench: stopped; the {len(finished)} finished run(s) (seed, method, result) are in {partial}")
+        raise
     results = {
         "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
                    "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
@@ -233,6 +253,7 @@ def bench(cfg: BenchConfig) -> dict:
         "methods": {m: aggregate_runs(rs) for m, rs in runs.items()},
     }
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
+    partial.unlink(missing_ok=True)
     write_report(results, out)
     return results
 

@@ -72,6 +72,10 @@ def test_the_gate_log_is_saved_for_c2w_only_with_the_roles_it_never_saw(first_ru
         assert gate["known_to_base"]["per_seed"][seed] == pytest.approx(sum(g["base_answers"] for g in known) / len(known))
 
 
+def test_a_finished_run_leaves_no_partial_file(first_run):
+    assert (first_run / "results.json").exists() and not (first_run / "partial.json").exists()
+
+
 def test_report_and_plots_are_written(first_run):
     md = (first_run / "report.md").read_text()
     for name in BASELINES:
@@ -87,6 +91,27 @@ def test_same_seed_gives_the_same_results(first_run, tmp_path):
     a = json.loads((first_run / "results.json").read_text())["methods"]
     b = json.loads((again / "results.json").read_text())["methods"]
     assert strip_timing(a) == strip_timing(b)
+
+
+def test_a_run_stopped_midway_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    import c2w.bench as B
+
+    calls, real = [], B.run_learner
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in the second method")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(B, "run_learner", flaky)
+    out = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="boom"):
+        bench(tiny_cfg(out, seeds=1, methods=["none", "lora"]))
+    kept = json.loads((out / "partial.json").read_text())
+    assert [(f["seed"], f["method"]) for f in kept["finished"]] == [(0, "none")] and not (out / "results.json").exists()
+    said = capsys.readouterr()
+    assert kept["finished"][0]["result"]["accuracy_matrix"] and "1 finished run(s)" in said.out + said.err
 
 
 def test_first_seed_runs_and_records_later_seeds(tmp_path):
