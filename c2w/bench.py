@@ -188,10 +188,13 @@ def bench(cfg: BenchConfig) -> dict:
     seeds = cfg.reported_seeds()
     streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    if (out / "results.json").exists() and not cfg.overwrite:  # refused before any model loads: nothing lost
-        raise FileExistsError(f"{out} already holds a run (results.json); choose another --out, or pass --overwrite "
-                              f"to replace it")
+    partial = out / "partial.json"
+    for held in ("results.json", "partial.json"):  # refused before any model loads: nothing lost
+        if (out / held).exists() and not cfg.overwrite:
+            raise FileExistsError(f"{out} already holds a{' stopped' if held == 'partial.json' else ''} run ({held}); "
+                                  f"choose another --out, or pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)  # --overwrite: an older stopped run's finished runs would sit beside this one
     for line in unscored(streams[seeds[0]]):
         tqdm.write(f"c2w bench: {line}")
     bb, controls, passages, base_lp = prepare(cfg)
@@ -217,16 +220,18 @@ def bench(cfg: BenchConfig) -> dict:
     lr_choice = choose_lrs(bb, cfg, controls, passages, base_lp) if search and not skipped else {}
     lrs = {m: lr_choice[lr_key(m)]["lr"] for m in cfg.methods if lr_key(m) in lr_choice}
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    used_lrs = {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods if lr_key(m) in DEFAULT_LR}
     # every finished (seed, method) run is kept in partial.json as it ends, so a crash or Ctrl-C hours
     # in loses only the run under way; the file goes once results.json is written
-    partial, finished = out / "partial.json", []
+    finished: list[dict] = []
 
     def keep(seed: int, m: str, r: dict) -> None:
-        finished.append({"seed": seed, "method": m, "result": r})
+        now = finished + [{"seed": seed, "method": m, "result": r}]
         tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "learning_rates": lrs,
-                                            "finished": finished}), indent=1))
+        tmp.write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "learning_rates": used_lrs,
+                                            "finished": now}), indent=1))
         tmp.replace(partial)
+        finished.append(now[-1])
 
     try:
         with tqdm(total=len(seeds) * len(cfg.methods) * streams[seeds[0]].n_episodes, desc="bench", unit="episode") as bar:
@@ -240,8 +245,7 @@ def bench(cfg: BenchConfig) -> dict:
         raise
     results = {
         "config": {**dataclasses.asdict(cfg), "n_controls_offered": len(controls),
-                   "learning_rates": {m: lrs.get(m) or cfg.lr or DEFAULT_LR[lr_key(m)] for m in cfg.methods
-                                      if lr_key(m) in DEFAULT_LR},
+                   "learning_rates": used_lrs,
                    "lr_search": lr_choice, "lr_search_skipped": skipped, "seeds_reported": seeds,
                    "texts_over_max_len": {s: (n, cut) for s, n in over.items()}, "stream_meta": streams[seeds[0]].meta,
                    "stream_sha256": {s: st.fingerprint() for s, st in streams.items()},

@@ -112,6 +112,15 @@ def test_a_run_stopped_midway_keeps_the_finished_runs(tmp_path, monkeypatch, cap
     assert [(f["seed"], f["method"]) for f in kept["finished"]] == [(0, "none")] and not (out / "results.json").exists()
     said = capsys.readouterr()
     assert kept["finished"][0]["result"]["accuracy_matrix"] and "1 finished run(s)" in said.out + said.err
+    assert kept["learning_rates"]["lora"] > 0  # the rates the runs used, not only searched ones
+    # a stopped run's partial.json is never thrown away unasked; --overwrite starts afresh
+    with pytest.raises(FileExistsError, match="stopped run"):
+        bench(tiny_cfg(out, seeds=1, methods=["none"]))
+    calls.clear()
+    monkeypatch.setattr(B, "run_learner", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom at once")))
+    with pytest.raises(RuntimeError, match="at once"):
+        bench(tiny_cfg(out, seeds=1, methods=["none"], overwrite=True))
+    assert not (out / "partial.json").exists()  # the older run's finished runs do not sit beside this one
 
 
 def test_first_seed_runs_and_records_later_seeds(tmp_path):
@@ -227,6 +236,9 @@ def test_updates_and_probes_no_metric_counts_are_named():
                  (Probe("Tor lives in", "Oskeln"), Probe("Tor works at", "Tarn Bank")))
     lines = unscored(Stream([two, good], "t"))
     assert len(lines) == 1 and "'Tarn Bank' of a (by d)" in lines[0] and "partial update" in lines[0]
+    again = Record("e", 2, "Tor now lives in Vemdal.", (Probe("Tor lives in", "Vemdal"),), replaces="a")
+    lines = unscored(Stream([two, good, again], "t"))  # named once, for the first record that dropped it
+    assert len(lines) == 1 and lines[0].startswith("1 old answer(s)") and "(by d)" in lines[0]
 
 
 def test_answers_without_a_letter_or_digit_are_named_as_unscorable():

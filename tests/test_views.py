@@ -45,6 +45,9 @@ def test_lines_and_sentences_of_other_scripts_are_sentences():
     # prose wrapped by hand goes on across its line breaks; a list item or a blank line ends a sentence
     wrapped = "The Karsten Bridge over the river Ost opened to traffic in\n1933 in the city of Vemdal, after four years."
     assert sentences(wrapped) == [wrapped]
+    assert sentences(wrapped.replace("\n", "\r\n")) == [wrapped.replace("\n", "\r\n")]  # Windows line ends
+    intro = "The members of the board of the Karsten Bridge Company, as of 1901:"
+    assert sentences(intro + "\rName Tor\rCity Prell") == [intro, "Name Tor", "City Prell"]  # lines ended by \r alone
     assert sentences("Members of the board of the Karsten Bridge Company were\n- Mira Holm\n2. Tor Lund\r\nb) Agnes") == [
         "Members of the board of the Karsten Bridge Company were", "- Mira Holm", "2. Tor Lund", "b) Agnes"]
     assert sentences("A paragraph that ends without its full stop, as headings do\n\nNext one") == [

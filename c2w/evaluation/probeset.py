@@ -50,6 +50,7 @@ def build_probeset(stream: Stream) -> ProbeSet:
     chain: dict[str, list[str]] = {}  # a chain's latest record -> every record in it, oldest first
     updates: list[tuple[str, str]] = []
     unstated: list[tuple[str, int, str]] = []
+    named: set[tuple[str, int]] = set()
     for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
         if not r.replaces or r.replaces not in by_id:
             continue
@@ -70,8 +71,10 @@ def build_probeset(stream: Stream) -> ProbeSet:
                 changed = rid == r.replaces and not contains_words(r.text, p.answer)
             if changed:
                 stale[(rid, k)] = r.id
-            elif reasks and _key(p.prompt) not in asked and not contains_words(r.text, p.answer):
-                unstated.append((rid, k, r.id))
+            elif reasks and _key(p.prompt) not in asked and not contains_words(r.text, p.answer) \
+                    and by_id[rid].role == "learn" and (rid, k) not in named:
+                unstated.append((rid, k, r.id))  # once, for the first record that dropped it
+                named.add((rid, k))
     items: list[Item] = []
     for r in stream.records:
         if r.role == "control":

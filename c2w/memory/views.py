@@ -73,29 +73,31 @@ def sentences(text: str) -> list[str]:
     without case: Arabic, Hebrew, Devanagari); and at a line break that ends a line of a list, a
     table or a heading, not one that wraps prose (`_ends_line`). "e.g. the" stays whole; "St. Ives"
     does not."""
-    text, out, start = text.strip(), [], 0
+    text, out, start, line = text.strip(), [], 0, 0  # line: where the current line starts
     for m in _GAP.finditer(text):
         a, b = m.span()
         before, after = text[a - 1:a], text[b:b + 1]
-        if after and (before in _FULL_STOPS or _ends_line(text, a, b)
+        gap = m.group().replace("\r\n", "\n")
+        breaks = sum(gap.count(c) for c in _LINE_BREAKS)
+        if after and (before in _FULL_STOPS or breaks and _ends_line(text, a, b, breaks, a - line)
                       or before in ".!?" and (after.isdecimal() or after.isalpha() and not after.islower())
-                      and not _ITEM.fullmatch(text, text.rfind("\n", 0, a) + 1, b)):  # "2. Tor Lund": an item's number
+                      and not _ITEM.fullmatch(text, line, b)):  # "2. Tor Lund": an item's number
             out.append(text[start:a])
             start = b
+        if breaks:
+            line = b
     out.append(text[start:])
     return [p for p in (s.strip() for s in out) if p]
 
 
-def _ends_line(text: str, a: int, b: int) -> bool:
-    """Whether the spaces text[a:b] hold a line break that ends a sentence: a blank line, a line ending in
-    . ! ? : or ;, a short line (under WRAP characters: a list item, a table row, a heading), or a
-    next line opening a list item. A long line broken mid-sentence is hard-wrapped prose and goes on."""
-    gap = text[a:b]
-    breaks = sum(gap.count(c) for c in _LINE_BREAKS)
-    if not breaks:
-        return False
-    line = a - text.rfind("\n", 0, a) - 1  # the ended line's length
-    return breaks > 1 or text[a - 1] in ".!?:;" or line < WRAP or bool(_ITEM.match(text, b))
+def _ends_line(text: str, a: int, b: int, breaks: int, length: int) -> bool:
+    """Whether spaces text[a:b] holding `breaks` line breaks, after a line of `length` characters, end a
+    sentence: a blank line, a line ending in . ! ? : or ;, a short line (under WRAP characters: a list
+    item, a table row, a heading), or a next line opening a list item. A long line broken
+    mid-sentence is hand-wrapped prose and goes on."""
+    return breaks > 1 or text[a - 1] in ".!?:;" or length < WRAP or bool(_ITEM.match(text, b))
+
+
 def ask(sentence: str, span: str) -> str:
     """The sentence as a question whose answer is `span`: the span becomes a question word."""
     q = sentence.rstrip(" .!?" + _FULL_STOPS)
