@@ -135,6 +135,8 @@ def test_case_and_invisible_marks_do_not_matter(cont, answer):
     (" I think it is B", "I", False),           # the pronoun
     (" The answer is B", "B", False),           # a letter later in the line is not read as the answer
     (" **B** Paris", "B", True),                # chat models bold the letter
+    (" B\u0301.", "B", False),                  # a decomposed accent makes another letter
+    (" A\u0301.", "Á", True),
     (" 犬です。", "犬", True),                    # an ideograph is a word of its own, not a choice letter
     (" 7 days", "7", True),                     # digits keep the whole-word rule
     (" about 7", "7", True),

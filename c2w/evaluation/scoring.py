@@ -109,7 +109,7 @@ def is_correct(continuation: str, answer: str) -> bool:
     line = first_line(continuation)
     n = normalise(answer)
     if len(n) == 1 and n.isalpha() and not _cjk(n):  # an ideograph is a word of its own (see normalise)
-        m = _LETTER.match(line)
+        m = _LETTER.match(unicodedata.normalize("NFC", line))  # "A" + a combining accent is "Á", not "A"
         return bool(m) and normalise(m.group(1)) == n
     if contains_words(line, answer):
         return True
