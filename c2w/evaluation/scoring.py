@@ -109,8 +109,9 @@ def is_correct(continuation: str, answer: str) -> bool:
     line = first_line(continuation)
     n = normalise(answer)
     if len(n) == 1 and n.isalpha() and not _cjk(n):  # an ideograph is a word of its own (see normalise)
-        m = _LETTER.match(unicodedata.normalize("NFC", line))  # "A" + a combining accent is "Á", not "A"
-        return bool(m) and normalise(m.group(1)) == n
+        line = unicodedata.normalize("NFC", line)  # "A" + a combining accent is "Á", not "A"
+        m = _LETTER.match(line)
+        return bool(m) and normalise(m.group(1)) == n and not unicodedata.combining(line[m.end():m.end() + 1] or " ")
     if contains_words(line, answer):
         return True
     bare = _ARTICLE.sub("", answer.strip(), count=1) if _ARTICLE.match(answer.strip()) else ""
