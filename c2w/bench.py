@@ -82,9 +82,9 @@ def unscored(stream: Stream) -> list[str]:
     leaves in the matrix though its text no longer states their answer, and probes on noise or
     duplicate records."""
     ps, out = build_probeset(stream), []
-    measured = {it.record_id for it in ps.items if it.kind == "matrix"} & {it.retired_by for it in ps.items}
     replaced_later = {it.record_id for it in ps.items if it.kind == "stale"}
-    if lost := [f"{new} (replaces {old})" for new, old in ps.updates if new not in measured and new not in replaced_later]:
+    if lost := [f"{new} (replaces {old})" for (new, old), (n, o) in zip(ps.updates, ps.update_items())
+                if not (n and o) and new not in replaced_later]:
         out.append(f"{len(lost)} update(s) are left out of updates.* ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): "
                    f"the replacing record has no probes of its own, is not a learn record, or changes no old answer")
     by_id = {r.id: r for r in stream.records}
@@ -189,9 +189,9 @@ def bench(cfg: BenchConfig) -> dict:
     streams = {s: build_stream(cfg, s) for s in seeds}  # validates before any model is loaded
     out = Path(cfg.out or f"runs/bench-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     partial = out / "partial.json"
-    for held in ("results.json", "partial.json"):  # refused before any model loads: nothing lost
-        if (out / held).exists() and not cfg.overwrite:
-            raise FileExistsError(f"{out} already holds a{' stopped' if held == 'partial.json' else ''} run ({held}); "
+    for held in (out / "results.json", partial):  # refused before any model loads: nothing lost
+        if held.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{out} already holds a{' stopped' if held == partial else ''} run ({held.name}); "
                                   f"choose another --out, or pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     partial.unlink(missing_ok=True)  # --overwrite: an older stopped run's finished runs would sit beside this one

@@ -3,6 +3,7 @@ evaluator alone; learners never see any of it."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from c2w.evaluation.scoring import contains_words, normalise
@@ -30,6 +31,17 @@ class ProbeSet:
     def of(self, kind: str, episode: int | None = None) -> list[int]:
         return [k for k, it in enumerate(self.items) if it.kind == kind and (episode is None or it.episode == episode)]
 
+    def update_items(self) -> list[tuple[list[int], list[int]]]:
+        """Per update (as `updates`): the new record's matrix items and the stale items it retired. An
+        update is measured where both are non-empty."""
+        mine, retired = defaultdict(list), defaultdict(list)
+        for k, it in enumerate(self.items):
+            if it.kind == "matrix":
+                mine[it.record_id].append(k)
+            elif it.kind == "stale":
+                retired[it.retired_by].append(k)
+        return [(mine[new], retired[new]) for new, _ in self.updates]
+
 
 def build_probeset(stream: Stream) -> ProbeSet:
     """Matrix items: probes of learn records, except the old answers a later record replaces, which are
@@ -49,8 +61,7 @@ def build_probeset(stream: Stream) -> ProbeSet:
     stale: dict[tuple[str, int], str] = {}  # (record id, probe index) -> the record that retired it
     chain: dict[str, list[str]] = {}  # a chain's latest record -> every record in it, oldest first
     updates: list[tuple[str, str]] = []
-    unstated: list[tuple[str, int, str]] = []
-    named: set[tuple[str, int]] = set()
+    unstated: dict[tuple[str, int], str] = {}  # (record id, probe index) -> the first record that dropped its answer
     for r in stream.records:  # file order: a record replaces one on an earlier line (validated)
         if not r.replaces or r.replaces not in by_id:
             continue
@@ -72,9 +83,8 @@ def build_probeset(stream: Stream) -> ProbeSet:
             if changed:
                 stale[(rid, k)] = r.id
             elif reasks and _key(p.prompt) not in asked and not contains_words(r.text, p.answer) \
-                    and by_id[rid].role == "learn" and (rid, k) not in named:
-                unstated.append((rid, k, r.id))  # once, for the first record that dropped it
-                named.add((rid, k))
+                    and by_id[rid].role == "learn":
+                unstated.setdefault((rid, k), r.id)
     items: list[Item] = []
     for r in stream.records:
         if r.role == "control":
@@ -82,7 +92,7 @@ def build_probeset(stream: Stream) -> ProbeSet:
         elif r.role == "learn":
             items.extend(Item(r.id, r.episode, "stale", p, stale[(r.id, k)]) if (r.id, k) in stale else
                          Item(r.id, r.episode, "matrix", p) for k, p in enumerate(r.probes))
-    return ProbeSet(items, stream.n_episodes, updates, [u for u in unstated if u[:2] not in stale])
+    return ProbeSet(items, stream.n_episodes, updates, [(*u, by) for u, by in unstated.items() if u not in stale])
 
 
 def _key(prompt: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,13 +134,7 @@ def summarise(learner: Learner, ctx: EvalContext, base: Snapshot, snaps: list[Sn
 
     # Updates: the new record's probes (matrix items) vs the old answers it retired (stale items).
     new_ok, stale = [], []
-    mine, retired = defaultdict(list), defaultdict(list)  # record id -> its matrix items / the items it retired
-    for k in matrix_items:
-        mine[ps.items[k].record_id].append(k)
-    for k in ps.of("stale"):
-        retired[ps.items[k].retired_by].append(k)
-    for new_id, _ in ps.updates:
-        n, o = mine[new_id], retired[new_id]
+    for n, o in ps.update_items():
         if n and o:
             new_ok.append(float(final.correct[n].mean()))
             stale.append(float(final.correct[o].mean()))
