@@ -277,7 +277,7 @@ def _plain_amp(dev: torch.device, plain_bf16: bool, otherwise=None):
 
 def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, chat: bool, lora_kw,
                   dtype: torch.dtype | None = None, plain_bf16: bool = False) -> dict:
-    from c2w.fast import decode
+    from c2w.fast import decode, llama
 
     plain_m, fast_m = _models(base, lora_kw)
     for m in (plain_m, fast_m):  # an adapter that has been written, so LoRA is not a no-op
@@ -307,8 +307,13 @@ def bench_scoring(base, tok, dev, n: int, repeats: int, peak, n_params: int, cha
     toks = n_prompt + sum(mx)  # prompt tokens read + tokens decoded (upper bound, EOS may cut)
     flops = 2 * n_params * (toks + sum(n_ans))  # the task's own work: each prompt, answer and new token once
     cpu = dev.type == "cpu"
+    # a cast plan's weights stay in memory kept between calls (llama.kept_plan): freed first, so that the
+    # warm-up's peak counts them, and reported
+    llama.release_kept()
     stats = _compare(dev, [Side("plain", plain, toks, flops, [], bf16=cpu and plain_bf16),
                            Side("c2w", fast, toks, flops, [], bf16=cpu and dtype == torch.bfloat16)], repeats, peak)
+    stats["c2w"]["kept_mb"] = llama.kept_bytes() / 2 ** 20
+    llama.release_kept()
     (gp, lp), (gc, lc) = res["plain"], res["c2w"]
     same = sum(a == b for x, y in zip(gp, gc) for a, b in zip(x, y)) / max(1, sum(len(x) for x in gp))
     return _result(stats, prompts=n, prompt_tokens=n_prompt, logprob_max_abs_diff=max(abs(a - b) for a, b in zip(lp, lc)),
@@ -478,6 +483,9 @@ def format_table(res: dict) -> str:
         agree = {k: v for k, v in r.items() if "diff" in k or "identical" in k}
         if agree:
             lines.append(" " * 16 + "agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
+        kept = r.get("detail", {}).get("c2w", {}).get("kept_mb")
+        if kept:
+            lines.append(" " * 16 + f"c2w keeps {kept:.0f} MB between calls (its cast weights' memory; within its peak)")
         for tag, rr in rows:
             for path in ("plain", "c2w"):
                 if "profile" in rr["detail"][path]:

@@ -409,6 +409,52 @@ def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
             assert torch.equal(getattr(b, name).W, torch.addmm(lu.W, lu.B, lu.A))
 
 
+def _plans_equal(a, b) -> bool:
+    return all((x is None) == (y is None) and (x is None or x.dtype == y.dtype and torch.equal(x, y))
+               for x, y in zip(llama.plan_tensors(a), llama.plan_tensors(b)))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_kept_plan_is_a_fresh_plan_bit_for_bit_in_memory_kept_between_calls(models, tiny, dtype):
+    """kept_plan writes the same fold / cast into memory it keeps: a second build reuses that memory
+    with the adapters' new values (nothing cached but the memory); a nested build gets its own."""
+    m = _lora(tiny.model, ("fast", "slow"), r=4)
+    llama.release_kept()
+    for model in (models["plain"], m):  # no adapter (a cast or concatenation only); stacked adapters
+        ref = llama.plan(model, fold=True, dtype=dtype)
+        with llama.kept_plan(model, fold=True, dtype=dtype) as k:
+            assert _plans_equal(k, ref)
+            ptr = k.layers[0].qkv.W.data_ptr()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.01)
+    ref2 = llama.plan(m, fold=True, dtype=dtype)
+    held = llama.kept_bytes()
+    with llama.kept_plan(m, fold=True, dtype=dtype) as k2:
+        assert _plans_equal(k2, ref2) and not _plans_equal(k2, ref)
+        assert k2.layers[0].qkv.W.data_ptr() == ptr and llama.kept_bytes() == held > 0
+        with llama.kept_plan(m, fold=True, dtype=dtype) as k3:  # nested: fresh memory, k2 untouched
+            assert k3.layers[0].qkv.W.data_ptr() != ptr and _plans_equal(k3, ref2)
+        assert _plans_equal(k2, ref2)
+    assert not any(p.requires_grad for p in llama.plan_tensors(k2) if p is not None)
+    llama.release_kept()
+    assert llama.kept_bytes() == 0
+
+
+def test_bf16_scoring_with_kept_memory_scores_as_without(models, tiny, monkeypatch):
+    m, tok = models["two-adapters"], tiny.tokenizer
+    run = lambda: decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5,  # noqa: E731
+                                      dtype=torch.bfloat16)
+    monkeypatch.setattr(D, "KEEP", False)
+    ref = run()
+    assert llama.kept_bytes() == 0
+    monkeypatch.setattr(D, "KEEP", True)
+    assert run() == ref and llama.kept_bytes() > 0
+    assert run() == ref  # from the kept memory
+    llama.release_kept()
+
+
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
     """Candidates from the bf16 head copy, ranked by the fp32 head: the fp32 head's own argmax."""
     c = llama.plan(models["plain"], dtype=torch.bfloat16)

@@ -45,6 +45,11 @@ def test_perf_bf16_scoring_reports_its_agreement(tiny):
     assert res["setup"]["bf16_scoring"] is True
     assert 1e-6 < res["scoring"]["logprob_max_abs_diff"] <= 0.05  # bf16 ran; within the stated tolerance
     assert "--bf16-scoring" in format_table(res)
+    # the cast plan's kept memory is reported, and freed again after the workload
+    from c2w.fast import llama
+
+    assert res["scoring"]["detail"]["c2w"]["kept_mb"] > 0 and "keeps" in format_table(res)
+    assert llama.kept_bytes() == 0
 
 
 def test_perf_plain_bf16_runs_the_plain_side_under_autocast(tiny):

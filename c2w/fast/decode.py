@@ -11,6 +11,8 @@ it casts them to bf16); the live model is never modified. Other models use `mode
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,24 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
+# cast (bf16) plans write their weights into memory kept between calls (llama.kept_plan: about 270 MB for
+# SmolLM2-135M). On the dev machine that took 17% off a bf16 scoring call of 32 probes (0.36 s, the
+# page faults of fresh copies; BENCHMARKS.md session 25); the fp32 fold (about 400 MB) gained 9% and
+# stays fresh: the evaluator's default path keeps no memory between calls
+KEEP = True
+
+
+@contextlib.contextmanager
 def _plan_for(model, n_tokens: int, fast: bool, dtype: torch.dtype | None = None):
     # folding costs one pass over the weights (a copy): worth it over enough tokens; a dtype folds as it casts
-    return llama.plan(model, fold=n_tokens >= MERGE_MIN_TOKENS, dtype=dtype) if fast else None
+    fold = n_tokens >= MERGE_MIN_TOKENS
+    if not fast:
+        yield None
+    elif KEEP and dtype is not None:
+        with llama.kept_plan(model, fold=fold, dtype=dtype) as p:
+            yield p
+    else:
+        yield llama.plan(model, fold=fold, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,15 +440,15 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: list[int
     if not prompts:
         return []
     seqs = _encode(tokenizer, prompts)
-    p = _plan_for(model, sum(map(len, seqs)) + sum(max_new_tokens), fast)
-    if p is None or any(len(s) == 0 for s in seqs):
-        return _hf_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-    out: list[list[int]] = [[] for _ in prompts]
-    with torch.inference_mode():
-        for idx in _batches(len(prompts), batch_size):
-            res = _greedy(p, [seqs[k] for k in idx], [max_new_tokens[k] for k in idx], tokenizer.eos_token_id)
-            for k, r in zip(idx, res):
-                out[k] = r
+    with _plan_for(model, sum(map(len, seqs)) + sum(max_new_tokens), fast) as p:
+        if p is None or any(len(s) == 0 for s in seqs):
+            return _hf_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+        out: list[list[int]] = [[] for _ in prompts]
+        with torch.inference_mode():
+            for idx in _batches(len(prompts), batch_size):
+                res = _greedy(p, [seqs[k] for k in idx], [max_new_tokens[k] for k in idx], tokenizer.eos_token_id)
+                for k, r in zip(idx, res):
+                    out[k] = r
     return out
 
 
@@ -452,18 +469,18 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
                     *, fast: bool = True) -> list[float]:
     """Mean per-token log p(answer | prompt) under teacher forcing, one float per probe."""
     pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
-    p = _plan_for(model, sum(len(a) + len(b) for a, b in pairs), fast)
-    if p is None:
-        return _hf_logprobs(model, tokenizer, pairs, batch_size)
-    res = [float("nan")] * len(pairs)
-    ok = [k for k, (q, a) in enumerate(pairs) if q and a]
-    with torch.inference_mode():
-        for bi in _batches(len(ok), batch_size):
-            idx = [ok[i] for i in bi]
-            seqs = [pairs[k][0] for k in idx]
-            cache = Cache(p, len(seqs), max(map(len, seqs)))
-            prefill(p, seqs, cache)
-            _answer_lp(p, cache, list(range(len(idx))), seqs, [pairs[k][1] for k in idx], res, idx)
+    with _plan_for(model, sum(len(a) + len(b) for a, b in pairs), fast) as p:
+        if p is None:
+            return _hf_logprobs(model, tokenizer, pairs, batch_size)
+        res = [float("nan")] * len(pairs)
+        ok = [k for k, (q, a) in enumerate(pairs) if q and a]
+        with torch.inference_mode():
+            for bi in _batches(len(ok), batch_size):
+                idx = [ok[i] for i in bi]
+                seqs = [pairs[k][0] for k in idx]
+                cache = Cache(p, len(seqs), max(map(len, seqs)))
+                prefill(p, seqs, cache)
+                _answer_lp(p, cache, list(range(len(idx))), seqs, [pairs[k][1] for k in idx], res, idx)
     return res
 
 
@@ -480,37 +497,37 @@ def decode_and_logprobs(model, tokenizer, prompts: list[str], answers: list[str]
     seqs = _encode(tokenizer, prompts)
     pairs = [answer_token_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
     n_tok = sum(map(len, seqs)) + sum(max_new_tokens) + sum(len(a) for _, a in pairs)
-    p = _plan_for(model, n_tok, fast, dtype)
-    if p is None or any(len(s) == 0 for s in seqs):
-        return (greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size, fast=False),
-                answer_logprobs(model, tokenizer, prompts, answers, batch_size, fast=False))
-    out: list[list[int]] = [[] for _ in prompts]
-    res = [float("nan")] * len(prompts)
-    with torch.inference_mode():
-        for idx in _batches(len(prompts), batch_size):
-            idx = list(idx)
-            bs = [seqs[k] for k in idx]
-            mx = [max_new_tokens[k] for k in idx]
-            cache = Cache(p, len(idx), max(map(len, bs)) + max(max(mx), 0))
-            h_last = prefill(p, bs, cache)
-            # the answer's prompt part is a prefix of the decode prompt (the tokenisations agree up to n)
-            rows = [r for r, k in enumerate(idx) if pairs[k][0] and pairs[k][1]]
-            first = [[t] for t in llama.next_token(p, h_last).tolist()]
-            if rows:
-                # where the answer continues the whole decode prompt, it is also greedy's draft
-                # (capped so that confirmed tokens stay within the row's token limit and the cache)
-                draft = [DRAFT and pairs[idx[r]][0] == bs[r] and mx[r] > 1 for r in rows]
-                ans = [pairs[idx[r]][1][: mx[r] - 1] if d else pairs[idx[r]][1] for r, d in zip(rows, draft)]
-                conf = _answer_lp(p, cache, rows, [pairs[idx[r]][0] for r in rows], ans, res,
-                                  [idx[r] for r in rows], draft)
-                if any(len(a) != len(pairs[idx[r]][1]) for r, a in zip(rows, ans)):  # capped: score in full
-                    full = [r for r, a in zip(rows, ans) if len(a) != len(pairs[idx[r]][1])]
-                    _answer_lp(p, cache, full, [pairs[idx[r]][0] for r in full], [pairs[idx[r]][1] for r in full],
-                               res, [idx[r] for r in full])
-                for r, toks in conf.items():
-                    first[r] = toks
-            for k, r in zip(idx, _greedy(p, bs, mx, tokenizer.eos_token_id, cache, h_last, first)):
-                out[k] = r
+    with _plan_for(model, n_tok, fast, dtype) as p:
+        if p is None or any(len(s) == 0 for s in seqs):
+            return (greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size, fast=False),
+                    answer_logprobs(model, tokenizer, prompts, answers, batch_size, fast=False))
+        out: list[list[int]] = [[] for _ in prompts]
+        res = [float("nan")] * len(prompts)
+        with torch.inference_mode():
+            for idx in _batches(len(prompts), batch_size):
+                idx = list(idx)
+                bs = [seqs[k] for k in idx]
+                mx = [max_new_tokens[k] for k in idx]
+                cache = Cache(p, len(idx), max(map(len, bs)) + max(max(mx), 0))
+                h_last = prefill(p, bs, cache)
+                # the answer's prompt part is a prefix of the decode prompt (the tokenisations agree up to n)
+                rows = [r for r, k in enumerate(idx) if pairs[k][0] and pairs[k][1]]
+                first = [[t] for t in llama.next_token(p, h_last).tolist()]
+                if rows:
+                    # where the answer continues the whole decode prompt, it is also greedy's draft
+                    # (capped so that confirmed tokens stay within the row's token limit and the cache)
+                    draft = [DRAFT and pairs[idx[r]][0] == bs[r] and mx[r] > 1 for r in rows]
+                    ans = [pairs[idx[r]][1][: mx[r] - 1] if d else pairs[idx[r]][1] for r, d in zip(rows, draft)]
+                    conf = _answer_lp(p, cache, rows, [pairs[idx[r]][0] for r in rows], ans, res,
+                                      [idx[r] for r in rows], draft)
+                    if any(len(a) != len(pairs[idx[r]][1]) for r, a in zip(rows, ans)):  # capped: score in full
+                        full = [r for r, a in zip(rows, ans) if len(a) != len(pairs[idx[r]][1])]
+                        _answer_lp(p, cache, full, [pairs[idx[r]][0] for r in full], [pairs[idx[r]][1] for r in full],
+                                   res, [idx[r] for r in full])
+                    for r, toks in conf.items():
+                        first[r] = toks
+                for k, r in zip(idx, _greedy(p, bs, mx, tokenizer.eos_token_id, cache, h_last, first)):
+                    out[k] = r
     return out, res
 
 

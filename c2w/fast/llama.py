@@ -222,6 +222,74 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> t
     return buf[:n].view(dtype).view(shape)
 
 
+# Memory for the weights an inference plan copies (a fold, a cast, a concatenation), kept between
+# calls. Every build writes its values anew, so nothing is cached but the memory: fresh memory costs
+# its page faults, about 0.2 s of a 1.5 s bf16 scoring call of 32 probes on the dev machine
+# (BENCHMARKS.md, session 25). Only plans built by `kept_plan` use it, on the CPU, one at a time; it
+# holds one plan's copies (the last build's: about 270 MB for SmolLM2-135M in bf16) until
+# `release_kept()`.
+_KEPT: list[torch.Tensor] = []
+_KEPT_SCRATCH: list[torch.Tensor] = []  # one fp32 buffer for a group's fold before its cast
+_KEPT_BUSY = False
+_BUILD: list[int] | None = None  # [index of the next buffer] while a kept plan is being built
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised memory for a plan's copy: while a kept plan is built, the next kept buffer."""
+    if _BUILD is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    i = _BUILD[0]
+    _BUILD[0] += 1
+    if i < len(_KEPT) and _KEPT[i].shape == shape and _KEPT[i].dtype == dtype and _KEPT[i].device == torch.device(device):
+        return _KEPT[i]
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if i < len(_KEPT):
+        _KEPT[i] = t
+    else:
+        _KEPT.append(t)
+    return t
+
+
+def _kept_scratch(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    n = math.prod(shape)
+    if not _KEPT_SCRATCH or _KEPT_SCRATCH[0].numel() < n or _KEPT_SCRATCH[0].dtype != dtype:
+        _KEPT_SCRATCH[:] = [torch.empty(n, dtype=dtype, device=device)]
+    return _KEPT_SCRATCH[0][:n].view(shape)
+
+
+def kept_bytes() -> int:
+    """Bytes held between calls by kept plans (see `kept_plan`)."""
+    return sum(t.numel() * t.element_size() for t in _KEPT + _KEPT_SCRATCH)
+
+
+def release_kept() -> None:
+    """Free the memory kept plans hold between calls."""
+    _KEPT.clear()
+    _KEPT_SCRATCH.clear()
+
+
+@contextlib.contextmanager
+def kept_plan(model, *, fold: bool = False, dtype: torch.dtype | None = None):
+    """`plan(model, fold=fold, dtype=dtype)` whose copies of the weights go into memory kept between
+    calls (CPU only). The plan is valid inside the block: the next kept plan overwrites its weights.
+    A kept plan built while another is in use (nested calls) gets fresh memory instead."""
+    global _KEPT_BUSY, _BUILD
+    if _KEPT_BUSY:
+        yield plan(model, fold=fold, dtype=dtype)
+        return
+    _KEPT_BUSY, _BUILD = True, [0]
+    try:
+        try:
+            with torch.no_grad():  # the kept buffers never join a graph
+                p = plan(model, fold=fold, dtype=dtype)
+        finally:
+            n, _BUILD = _BUILD[0], None
+            del _KEPT[n:]  # buffers this build did not use
+        yield p
+    finally:
+        _KEPT_BUSY = False
+
+
 def _cpu_autocast_dtype() -> torch.dtype | None:
     if not torch.is_autocast_enabled("cpu"):
         return None
@@ -247,8 +315,11 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None)
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
     adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
     (implies fold: the cast rounds once)."""
-    lin = _stacked([_pieces(m) for m in mods], dtype)
+    parts = [_pieces(m) for m in mods]
     low = out_dtype not in (None, dtype)
+    if _BUILD is not None and parts[0][0].device.type == "cpu" and (low or len(parts) > 1 or fold and parts[0][2]):
+        return _fuse_kept(parts, dtype, out_dtype if low else dtype)
+    lin = _stacked(parts, dtype)
     if (fold or low) and lin.A is not None:
         # one addmm over the whole group, as before: the evaluator's fp32 numbers stay bit for bit what
         # they were. Per-module folds differ in the last bit once the group's stacked rank is large
@@ -259,10 +330,38 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None)
     return lin
 
 
-def _stacked(parts, dtype) -> Lin:
-    """The group's weights concatenated, its adapters stacked along the rank (B block-structured)."""
+def _fuse_kept(parts, dtype, out: torch.dtype) -> Lin:
+    """`_fuse` with fold (and a cast to `out` if it is not `dtype`), its weights written into kept memory:
+    the same values bit for bit (the concatenation, then one in-place addmm over the group, then the
+    cast), without a fresh copy of the weights per call."""
     Ws = [p[0] for p in parts]
-    W = _fused_weight(Ws)
+    shape = (sum(w.shape[0] for w in Ws), Ws[0].shape[1])
+    dest = _fresh(shape, out, Ws[0].device)
+    low = out != dtype
+    has_lora = any(p[2] for p in parts)
+    if low and not has_lora:  # a cast only: each module's weight straight into its rows
+        r = 0
+        for w in Ws:
+            dest[r:r + w.shape[0]].copy_(w)
+            r += w.shape[0]
+        W = dest
+    else:
+        W = _kept_scratch(shape, dtype, Ws[0].device) if low else dest
+        torch.cat(Ws, 0, out=W) if len(Ws) > 1 else W.copy_(Ws[0])
+    lin = _stacked(parts, dtype, W)
+    if lin.A is not None:
+        W.addmm_(lin.B, lin.A)
+    if low and W is not dest:
+        dest.copy_(W)
+    b = lin.b if lin.b is None or not low else lin.b.detach().to(out)
+    return Lin(dest, b, None, None)
+
+
+def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
+    """The group's weights concatenated (or W, when given), its adapters stacked along the rank (B
+    block-structured)."""
+    Ws = [p[0] for p in parts]
+    W = _fused_weight(Ws) if W is None else W
     bs = [p[1] for p in parts]
     if all(b is None for b in bs):
         b = None
@@ -332,7 +431,9 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
     W = core.embed_tokens.weight
     head = _fuse([m.lm_head], dtype, fold)
     norm = lowc(core.norm.weight)
-    head_lp = None if low is None or head.b is not None else head.W.detach().to(low)
+    head_lp = None
+    if low is not None and head.b is None:
+        head_lp = _fresh(head.W.shape, low, head.W.device).copy_(head.W) if _BUILD is not None else head.W.detach().to(low)
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
                 cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
 
