@@ -137,6 +137,32 @@ def test_cpu_bf16_autocast_casts_frozen_weights_once_with_the_same_numbers(model
         assert run()[0] == ref  # a new block casts afresh
 
 
+def test_fp32_write_loop_concatenates_frozen_weights_once(models, tiny):
+    """Inside step_cache(), in fp32, a group's frozen weights (q/k/v, gate/up) come concatenated once
+    per write loop: the same loss and gradients bit for bit; an in-place change concatenates again."""
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    m = copy.deepcopy(models["lora"])
+    q = m.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def run():
+        loss = lm_loss(m, ids, att, att.bool())
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    ref, gref = run()
+    with llama.step_cache():
+        got, g = run()
+        kept = llama._LOWP[id(q)][2]
+        assert kept.dtype == torch.float32 and run()[0] == got and llama._LOWP[id(q)][2] is kept
+        with torch.no_grad():
+            q.mul_(2.0)
+        doubled = run()[0]
+        assert llama._LOWP[id(q)][2] is not kept
+        with torch.no_grad():
+            q.mul_(0.5)
+    assert got == ref and all(torch.equal(a, b) for a, b in zip(g, gref)) and doubled != ref
+
+
 def _plain_ce(h, W, t, denom, chunk, wt):
     """linear_ce's forward as the plain ops it replaces: (loss, dh, dW)."""
     total, dh, dW = 0.0, torch.empty_like(h), torch.zeros_like(W, dtype=torch.float32)

@@ -181,7 +181,9 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
 # What a write loop keeps across its steps, only inside `step_cache()`, which the loop holds and which
 # forgets everything at exit:
 # - frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
-#   weight at every use (about 10% of a bf16 write step). Frozen weights cannot change inside one
+#   weight at every use (about 10% of a bf16 write step), and in fp32 the fused groups' frozen weights
+#   (q/k/v, gate/up) concatenated once: a fresh 280 MB copy per step for SmolLM2-135M, 3-9% of an fp32
+#   write step at 8 x 64 on the dev machine (BENCHMARKS.md, session 25). Frozen weights cannot change inside one
 #   write loop, while outside it they may (PEFT merges write through `.data`, which no version counter
 #   sees). Entries are keyed by the first weight's id and checked against a weak reference to every
 #   weight of the group, their versions and storage;
@@ -297,16 +299,18 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
 
 
 def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
-    """The concatenated weights; under CPU autocast inside `step_cache()`, frozen ones come cast once."""
+    """The concatenated weights; inside `step_cache()`, frozen ones come concatenated (and, under CPU
+    autocast, cast) once per write loop."""
     low = _cpu_autocast_dtype()
-    if (_LOWP is None or low is None or low == Ws[0].dtype or any(w.requires_grad for w in Ws)
+    want = low if low is not None and low != Ws[0].dtype else Ws[0].dtype  # what autocast would make of them
+    if (_LOWP is None or want == Ws[0].dtype and len(Ws) == 1 or any(w.requires_grad for w in Ws)
             or Ws[0].device.type != "cpu" or torch.is_inference_mode_enabled()):
         return Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
     key = tuple((w._version, w.data_ptr(), w.shape) for w in Ws)
     hit = _LOWP.get(id(Ws[0]))
-    if hit is None or any(r() is not w for r, w in zip(hit[0], Ws)) or hit[1] != key or hit[2].dtype != low:
+    if hit is None or any(r() is not w for r, w in zip(hit[0], Ws)) or hit[1] != key or hit[2].dtype != want:
         with torch.autocast("cpu", enabled=False):
-            cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(low)
+            cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(want)
         hit = _LOWP[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, cast)
     return hit[2]
 
