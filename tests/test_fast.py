@@ -479,6 +479,10 @@ def test_bf16_scoring_with_kept_memory_scores_as_without(models, tiny, monkeypat
     assert run() == ref and llama.kept_bytes() > 0
     assert run() == ref  # from the kept memory
     llama.release_kept()
+    with torch.inference_mode():  # kept memory made inside inference mode, written again outside it
+        assert run() == ref
+    assert run() == ref
+    llama.release_kept()
 
 
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):

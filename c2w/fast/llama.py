@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -232,19 +233,25 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> t
 # `release_kept()`.
 _KEPT: list[torch.Tensor] = []
 _KEPT_SCRATCH: list[torch.Tensor] = []  # one fp32 buffer for a group's fold before its cast
-_KEPT_BUSY = False
-_BUILD: list[int] | None = None  # [index of the next buffer] while a kept plan is being built
+_KEPT_LOCK = threading.Lock()  # held by the kept plan in use
+_BUILDING = threading.local()  # .at: [index of the next buffer] while this thread builds a kept plan
+
+
+def _build_at() -> list[int] | None:
+    return getattr(_BUILDING, "at", None)
 
 
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """Uninitialised memory for a plan's copy: while a kept plan is built, the next kept buffer."""
-    if _BUILD is None:
+    at = _build_at()
+    if at is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    i = _BUILD[0]
-    _BUILD[0] += 1
+    i = at[0]
+    at[0] += 1
     if i < len(_KEPT) and _KEPT[i].shape == shape and _KEPT[i].dtype == dtype and _KEPT[i].device == torch.device(device):
         return _KEPT[i]
-    t = torch.empty(shape, dtype=dtype, device=device)
+    with torch.inference_mode(False):  # a normal tensor: a later build outside inference mode may write it
+        t = torch.empty(shape, dtype=dtype, device=device)
     if i < len(_KEPT):
         _KEPT[i] = t
     else:
@@ -255,7 +262,8 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
 def _kept_scratch(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     n = math.prod(shape)
     if not _KEPT_SCRATCH or _KEPT_SCRATCH[0].numel() < n or _KEPT_SCRATCH[0].dtype != dtype:
-        _KEPT_SCRATCH[:] = [torch.empty(n, dtype=dtype, device=device)]
+        with torch.inference_mode(False):
+            _KEPT_SCRATCH[:] = [torch.empty(n, dtype=dtype, device=device)]
     return _KEPT_SCRATCH[0][:n].view(shape)
 
 
@@ -275,21 +283,20 @@ def kept_plan(model, *, fold: bool = False, dtype: torch.dtype | None = None):
     """`plan(model, fold=fold, dtype=dtype)` whose copies of the weights go into memory kept between
     calls (CPU only). The plan is valid inside the block: the next kept plan overwrites its weights.
     A kept plan built while another is in use (nested calls) gets fresh memory instead."""
-    global _KEPT_BUSY, _BUILD
-    if _KEPT_BUSY:
+    if not _KEPT_LOCK.acquire(blocking=False):  # another kept plan is in use (nested, or another thread)
         yield plan(model, fold=fold, dtype=dtype)
         return
-    _KEPT_BUSY, _BUILD = True, [0]
     try:
+        _BUILDING.at = [0]
         try:
             with torch.no_grad():  # the kept buffers never join a graph
                 p = plan(model, fold=fold, dtype=dtype)
         finally:
-            n, _BUILD = _BUILD[0], None
+            n, _BUILDING.at = _BUILDING.at[0], None
             del _KEPT[n:]  # buffers this build did not use
         yield p
     finally:
-        _KEPT_BUSY = False
+        _KEPT_LOCK.release()
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
@@ -321,7 +328,7 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None)
     (implies fold: the cast rounds once)."""
     parts = [_pieces(m) for m in mods]
     low = out_dtype not in (None, dtype)
-    if _BUILD is not None and parts[0][0].device.type == "cpu" and (low or len(parts) > 1 or fold and parts[0][2]):
+    if _build_at() is not None and parts[0][0].device.type == "cpu" and (low or len(parts) > 1 or fold and parts[0][2]):
         return _fuse_kept(parts, dtype, out_dtype if low else dtype)
     lin = _stacked(parts, dtype)
     if (fold or low) and lin.A is not None:
@@ -437,7 +444,7 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
     norm = lowc(core.norm.weight)
     head_lp = None
     if low is not None and head.b is None:
-        head_lp = _fresh(head.W.shape, low, head.W.device).copy_(head.W) if _BUILD is not None else head.W.detach().to(low)
+        head_lp = _fresh(head.W.shape, low, head.W.device).copy_(head.W) if _build_at() is not None else head.W.detach().to(low)
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
                 cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
 
