@@ -468,6 +468,24 @@ def test_kept_plan_is_a_fresh_plan_bit_for_bit_in_memory_kept_between_calls(mode
     assert llama.kept_bytes() == 0
 
 
+def test_kept_plan_is_plan_in_every_case(tiny):
+    """Biases, fold=False (adapters stay live), and builds of other dtypes in turn without a release."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(tiny.model.config)
+    cfg.attention_bias = cfg.mlp_bias = True
+    torch.manual_seed(3)
+    biased = LlamaForCausalLM(cfg).eval()
+    for model in (biased, _lora(biased, r=4), _lora(tiny.model, ("first", "second"), r=4)):
+        for fold, dtype in [(True, None), (False, None), (True, torch.bfloat16), (True, None), (False, torch.bfloat16)]:
+            ref = llama.plan(model, fold=fold, dtype=dtype)
+            with llama.kept_plan(model, fold=fold, dtype=dtype) as k:
+                assert _plans_equal(k, ref) and k.has_lora == ref.has_lora, (fold, dtype)
+                if ref.layers[0].qkv.b is not None:
+                    assert k.layers[0].qkv.b.dtype == ref.layers[0].qkv.b.dtype
+    llama.release_kept()
+
+
 def test_bf16_scoring_with_kept_memory_scores_as_without(models, tiny, monkeypatch):
     m, tok = models["two-adapters"], tiny.tokenizer
     run = lambda: decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5,  # noqa: E731
@@ -483,6 +501,8 @@ def test_bf16_scoring_with_kept_memory_scores_as_without(models, tiny, monkeypat
         assert run() == ref
     assert run() == ref
     llama.release_kept()
+    decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), dtype=torch.float32)  # the model's own
+    assert llama.kept_bytes() == 0  # dtype: nothing kept
 
 
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):

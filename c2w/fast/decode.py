@@ -42,11 +42,18 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-# cast (bf16) plans write their weights into memory kept between calls (llama.kept_plan: about 270 MB for
-# SmolLM2-135M). On the dev machine that took 17% off a bf16 scoring call of 32 probes (0.36 s, the
-# page faults of fresh copies; BENCHMARKS.md session 25); the fp32 fold (about 400 MB) gained 9% and
-# stays fresh: the evaluator's default path keeps no memory between calls
+# cast plans (a dtype other than the model's: bf16 scoring) write their weights into memory kept between
+# calls (llama.kept_plan: about 270 MB for SmolLM2-135M). On the dev machine that took 13-17% (0.2-0.36 s)
+# off a bf16 scoring call of 32 probes, the page faults of fresh copies (BENCHMARKS.md, session 25). A
+# fold in the model's own dtype (about 400 MB in fp32) gained 9% and stays fresh: the evaluator's
+# default path keeps no memory between calls
 KEEP = True
+
+
+def _casts(model, dtype: torch.dtype | None) -> bool:
+    """Whether `dtype` is other than the model's own (its input embedding's)."""
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    return dtype is not None and (emb is None or emb.weight.dtype != dtype)
 
 
 @contextlib.contextmanager
@@ -55,7 +62,7 @@ def _plan_for(model, n_tokens: int, fast: bool, dtype: torch.dtype | None = None
     fold = n_tokens >= MERGE_MIN_TOKENS
     if not fast:
         yield None
-    elif KEEP and dtype is not None:
+    elif KEEP and _casts(model, dtype):
         with llama.kept_plan(model, fold=fold, dtype=dtype) as p:
             yield p
     else:

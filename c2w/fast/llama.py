@@ -199,8 +199,11 @@ _USERS = 0  # open step_cache() blocks (write loops are generators: they may int
 
 @contextlib.contextmanager
 def step_cache():
-    """Keep the CPU-autocast casts of frozen weights and the loss's CPU scratch while any such block
-    is open; forget them when the last one closes."""
+    """Keep the CPU casts (autocast) or concatenations (fp32) of frozen weights and the loss's CPU
+    scratch while any such block is open; forget them when the last one closes. A write loop holds
+    it across its pauses too (the runner scores learning-speed probes inside it): about 280 MB of fp32
+    concatenations for SmolLM2-135M stay alive meanwhile, and entries of models freed inside the block
+    until it closes."""
     global _LOWP, _SCRATCH, _USERS
     if _USERS == 0:
         _LOWP, _SCRATCH = {}, {}
@@ -227,7 +230,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> t
 
 # Memory for the weights an inference plan copies (a fold, a cast, a concatenation), kept between
 # calls. Every build writes its values anew, so nothing is cached but the memory: fresh memory costs
-# its page faults, about 0.2 s of a 1.5 s bf16 scoring call of 32 probes on the dev machine
+# its page faults, 13-17% (0.2-0.36 s) of a bf16 scoring call of 32 probes on the dev machine
 # (BENCHMARKS.md, session 25). Only plans built by `kept_plan` use it, on the CPU, one at a time; it
 # holds one plan's copies (the last build's: about 270 MB for SmolLM2-135M in bf16) until
 # `release_kept()`.
@@ -328,7 +331,8 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None)
     (implies fold: the cast rounds once)."""
     parts = [_pieces(m) for m in mods]
     low = out_dtype not in (None, dtype)
-    if _build_at() is not None and parts[0][0].device.type == "cpu" and (low or len(parts) > 1 or fold and parts[0][2]):
+    if (_build_at() is not None and parts[0][0].device.type == "cpu"
+            and (low or fold and (len(parts) > 1 or parts[0][2]))):  # a copy the plan makes (not fold=False's)
         return _fuse_kept(parts, dtype, out_dtype if low else dtype)
     lin = _stacked(parts, dtype)
     if (fold or low) and lin.A is not None:
@@ -444,7 +448,8 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
     norm = lowc(core.norm.weight)
     head_lp = None
     if low is not None and head.b is None:
-        head_lp = _fresh(head.W.shape, low, head.W.device).copy_(head.W) if _build_at() is not None else head.W.detach().to(low)
+        head_lp = (_fresh(head.W.shape, low, head.W.device).copy_(head.W) if _build_at() is not None and head.W.device.type == "cpu"
+                   else head.W.detach().to(low))
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
                 cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
 
