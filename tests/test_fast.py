@@ -428,11 +428,12 @@ def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    u, f = llama.plan(m), llama.plan(m, fold=True)
-    for a, b in zip(u.layers, f.layers):
+    u, f, c = llama.plan(m), llama.plan(m, fold=True), llama.plan(m, dtype=torch.bfloat16)
+    for a, b, lc in zip(u.layers, f.layers, c.layers):
         for name in ("qkv", "o", "gu", "down"):
             lu = getattr(a, name)
             assert torch.equal(getattr(b, name).W, torch.addmm(lu.W, lu.B, lu.A))
+            assert torch.equal(getattr(lc, name).W, torch.addmm(lu.W, lu.B, lu.A).bfloat16())  # then one cast
 
 
 def _plans_equal(a, b) -> bool:

@@ -247,7 +247,7 @@ def _build_at() -> list[int] | None:
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """Uninitialised memory for a plan's copy: while a kept plan is built, the next kept buffer."""
     at = _build_at()
-    if at is None:
+    if at is None or torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     i = at[0]
     at[0] += 1
@@ -262,7 +262,10 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
-def _kept_scratch(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def _fold_scratch(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Memory for one group's fold before its cast: one kept buffer while a kept plan is built."""
+    if _build_at() is None or torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
     if not _KEPT_SCRATCH or _KEPT_SCRATCH[0].numel() < n or _KEPT_SCRATCH[0].dtype != dtype:
         with torch.inference_mode(False):
@@ -328,47 +331,36 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
 def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
     adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
-    (implies fold: the cast rounds once)."""
+    (implies fold: the cast rounds once). The copy's memory comes from `_fresh` (kept memory while
+    `kept_plan` builds) and no gradient reaches it."""
     parts = [_pieces(m) for m in mods]
     low = out_dtype not in (None, dtype)
-    if (_build_at() is not None and parts[0][0].device.type == "cpu"
-            and (low or fold and (len(parts) > 1 or parts[0][2]))):  # a copy the plan makes (not fold=False's)
-        return _fuse_kept(parts, dtype, out_dtype if low else dtype)
-    lin = _stacked(parts, dtype)
-    if (fold or low) and lin.A is not None:
-        # one addmm over the whole group, as before: the evaluator's fp32 numbers stay bit for bit what
-        # they were. Per-module folds differ in the last bit once the group's stacked rank is large
-        # (on the dev machine from about 195 on q/k/v: c2w's slow adapter grows by concatenation)
-        lin = Lin(torch.addmm(lin.W, lin.B, lin.A), lin.b, None, None)
-    if low:  # group by group: no full-size fp32 copy of the model is ever alive at once
-        lin = Lin(lin.W.detach().to(out_dtype), None if lin.b is None else lin.b.detach().to(out_dtype), None, None)
-    return lin
-
-
-def _fuse_kept(parts, dtype, out: torch.dtype) -> Lin:
-    """`_fuse` with fold (and a cast to `out` if it is not `dtype`), its weights written into kept memory:
-    the same values bit for bit (the concatenation, then one in-place addmm over the group, then the
-    cast), without a fresh copy of the weights per call."""
+    has_lora = any(p[2] for p in parts)
+    if not (low or fold and has_lora):
+        return _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
     Ws = [p[0] for p in parts]
     shape = (sum(w.shape[0] for w in Ws), Ws[0].shape[1])
-    dest = _fresh(shape, out, Ws[0].device)
-    low = out != dtype
-    has_lora = any(p[2] for p in parts)
-    if low and not has_lora:  # a cast only: each module's weight straight into its rows
-        r = 0
-        for w in Ws:
-            dest[r:r + w.shape[0]].copy_(w)
-            r += w.shape[0]
-        W = dest
-    else:
-        W = _kept_scratch(shape, dtype, Ws[0].device) if low else dest
-        torch.cat(Ws, 0, out=W) if len(Ws) > 1 else W.copy_(Ws[0])
-    lin = _stacked(parts, dtype, W)
-    if lin.A is not None:
-        W.addmm_(lin.B, lin.A)
-    if low and W is not dest:
-        dest.copy_(W)
-    b = lin.b if lin.b is None or not low else lin.b.detach().to(out)
+    dest = _fresh(shape, out_dtype if low else dtype, Ws[0].device)
+    with torch.no_grad():
+        if not has_lora:  # a cast only: each module's weight straight into its rows
+            r = 0
+            for w in Ws:
+                dest[r:r + w.shape[0]].copy_(w)
+                r += w.shape[0]
+            W = dest
+        else:  # a group's fold in the model's dtype, then (low) one cast: no full-size copy of the model at once
+            W = _fold_scratch(shape, dtype, Ws[0].device) if low else dest
+            torch.cat(Ws, 0, out=W) if len(Ws) > 1 else W.copy_(Ws[0])
+        lin = _stacked(parts, dtype, W)
+        if lin.A is not None:
+            # one addmm over the whole group (in place: bit for bit the out-of-place addmm), as before: the
+            # evaluator's fp32 numbers stay what they were. Per-module folds differ in the last bit once
+            # the group's stacked rank is large (on the dev machine from about 195 on q/k/v: c2w's slow
+            # adapter grows by concatenation)
+            W.addmm_(lin.B, lin.A)
+        if W is not dest:
+            dest.copy_(W)
+        b = lin.b if lin.b is None or not low else lin.b.to(out_dtype)
     return Lin(dest, b, None, None)
 
 
@@ -446,10 +438,7 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
     W = core.embed_tokens.weight
     head = _fuse([m.lm_head], dtype, fold)
     norm = lowc(core.norm.weight)
-    head_lp = None
-    if low is not None and head.b is None:
-        head_lp = (_fresh(head.W.shape, low, head.W.device).copy_(head.W) if _build_at() is not None and head.W.device.type == "cpu"
-                   else head.W.detach().to(low))
+    head_lp = None if low is None or head.b is not None else _fresh(head.W.shape, low, head.W.device).copy_(head.W.detach())
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
                 cfg.num_key_value_heads, head_dim, low or dtype, W.device, head_lp)
 
