@@ -75,6 +75,12 @@ def unscorable(stream: Stream) -> list[str]:
     return [p.answer for r in stream.records for p in r.probes if not normalise(p.answer)]
 
 
+def _some(items, k: int = 3) -> str:
+    """The first k items, comma-joined, with ", ..." when there are more."""
+    items = list(items)
+    return ", ".join(items[:k]) + (", ..." if len(items) > k else "")
+
+
 def unscored(stream: Stream) -> list[str]:
     """What the stream asks that no metric will count, or counts in a way worth knowing: updates whose
     replacing record has no probes of its own (or is not a learn record) or changes no old answer
@@ -85,13 +91,13 @@ def unscored(stream: Stream) -> list[str]:
     replaced_later = {it.record_id for it in ps.items if it.kind == "stale"}
     if lost := [f"{new} (replaces {old})" for (new, old), (n, o) in zip(ps.updates, ps.update_items())
                 if not (n and o) and new not in replaced_later]:
-        out.append(f"{len(lost)} update(s) are left out of updates.* ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): "
+        out.append(f"{len(lost)} update(s) are left out of updates.* ({_some(lost)}): "
                    f"the replacing record has no probes of its own, is not a learn record, or changes no old answer")
     by_id = {r.id: r for r in stream.records}
     kept = [f"{by_id[rid].probes[k].answer!r} of {rid} (by {by})" for rid, k, by in ps.unstated]
     if kept:
         out.append(f"{len(kept)} old answer(s) stay in the matrix though the record replacing theirs no longer states them "
-                   f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}): it asks other old prompts again, so it is "
+                   f"({_some(kept)}): it asks other old prompts again, so it is "
                    f"read as a partial update; if these facts changed too, ask their prompts in the replacing record")
     if n := sum(len(r.probes) for r in stream.records if r.role in ("noise", "duplicate")):
         out.append(f"{n} probe(s) on noise or duplicate records are not scored (learn and control records' probes are; known "
@@ -203,8 +209,8 @@ def bench(cfg: BenchConfig) -> dict:
     if thin := thin_budget(cfg.token_budget, max(max(t) for t in tokens.values()), "--token-budget"):
         tqdm.write(f"c2w bench, longest episode: {thin}")
     if blank := unscorable(streams[seeds[0]]):
-        tqdm.write(f"c2w bench: {len(blank)} probe answer(s) have no letter or digit ({', '.join(map(repr, blank[:5]))}"
-                   f"{', ...' if len(blank) > 5 else ''}); scoring compares words, so they can never be scored correct")
+        tqdm.write(f"c2w bench: {len(blank)} probe answer(s) have no letter or digit ({_some(map(repr, blank), 5)}); "
+                   f"scoring compares words, so they can never be scored correct")
     cut = LearnerConfig.max_len
     over = {s: sum(n > cut for _, n in ls) for s, ls in lengths.items()}  # a write step keeps a text's first `cut`
     if any(over.values()):
