@@ -506,6 +506,40 @@ def test_bf16_scoring_with_kept_memory_scores_as_without(models, tiny, monkeypat
     assert llama.kept_bytes() == 0  # dtype: nothing kept
 
 
+@pytest.mark.parametrize("kind", ["plain", "two-adapters"])
+def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, tiny, monkeypatch, kind):
+    """PACK: folded (or adapter-free) fp32 inference plans read oneDNN-packed weights, head included; the
+    numbers move only by fp32 rounding. Where a gradient is recorded they read W, so it flows. bf16
+    (cast) plans pack nothing: their scores stay bit for bit."""
+    m, tok = models[kind], tiny.tokenizer
+    run = lambda dtype=None: decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5,  # noqa: E731
+                                                 dtype=dtype)
+    monkeypatch.setattr(llama, "PACK", False)
+    ref_ids, ref = run()
+    ref16 = run(torch.bfloat16)
+    assert llama.plan(m, fold=True).layers[0].qkv.P is None
+    monkeypatch.setattr(llama, "PACK", True)
+    c = llama.plan(m, dtype=torch.bfloat16)
+    assert all(lin.P is None for L in c.layers for lin in (L.qkv, L.o, L.gu, L.down)) and c.head.P is None
+    assert run(torch.bfloat16) == ref16
+    f = llama.plan(m, fold=True)
+    assert all(lin.P is not None for L in f.layers for lin in (L.qkv, L.o, L.gu, L.down)) and f.head.P is not None
+    ids, lps = run()
+    assert ids == ref_ids and max(abs(a - b) for a, b in zip(lps, ref)) <= 1e-5
+    assert llama.plan(m).layers[0].qkv.P is None  # not an inference plan: nothing packed
+    x = torch.randn(6, f.layers[0].o.W.shape[1])
+    lin = f.layers[0].o
+    with torch.no_grad():
+        y = lin(x)
+    assert torch.allclose(y, torch.nn.functional.linear(x, lin.W), atol=1e-5)
+    live = copy.deepcopy(tiny.model).requires_grad_(True)  # a trainable model's own weight
+    lin = llama.plan(live, fold=True).layers[0].o
+    assert lin.P is not None and lin.W is live.model.layers[0].self_attn.o_proj.weight
+    lin(x).sum().backward()  # recorded: reads W, and its gradient arrives
+    assert lin.W.grad is not None and lin.W.grad.abs().sum() > 0
+    assert llama.clone_plan(f).layers[0].qkv.P is None  # a copy reads its own plain weights
+
+
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
     """Candidates from the bf16 head copy, ranked by the fp32 head: the fp32 head's own argmax."""
     c = llama.plan(models["plain"], dtype=torch.bfloat16)

@@ -33,8 +33,12 @@ class Lin:
     b: torch.Tensor | None
     A: torch.Tensor | None  # [R, in], adapters stacked along the rank
     B: torch.Tensor | None  # [out, R], scaling folded in
+    P: torch.Tensor | None = None  # W prepacked for oneDNN (`packed`; no adapters): read instead of W when no
+    # gradient is recorded (the packed product has none)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.P is not None and x.dtype == self.P.dtype and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
         y = F.linear(x if x.dtype == self.W.dtype else x.to(self.W.dtype), self.W, self.b)
         if self.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
@@ -83,6 +87,25 @@ class Unsupported(Exception):
     pass
 
 
+# fp32 inference plans on the CPU (the evaluator's scoring) also hold their weights prepacked for oneDNN,
+# whose fp32 kernels `torch.ops.mkldnn._linear_pointwise` runs instead of the MKL ones F.linear takes: a
+# fp32 scoring call of 32 probes on the dev machine (AMD EPYC) took 19-23% less (BENCHMARKS.md, session 26).
+# The products differ from MKL's in the last bits (log-probs by about 1e-6). The packed copies are made per
+# plan, beside its weights (about 500 MB for SmolLM2-135M, head included), and read only where no gradient
+# is recorded. bf16 plans gained nothing measurable from it (0-1%, session 26) and are not packed
+PACK = True
+PACK_ROWS = 32  # oneDNN's hint of the row count the packed weight will meet (any count works)
+
+
+def packed(W: torch.Tensor) -> torch.Tensor | None:
+    """W [out, in] repacked for `torch.ops.mkldnn._linear_pointwise` (a copy), or None where that does not
+    apply: PACK off, not an fp32 CPU matrix, or no oneDNN."""
+    if not (PACK and W.device.type == "cpu" and W.dtype == torch.float32 and W.dim() == 2
+            and torch.backends.mkldnn.is_available()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(W.detach(), PACK_ROWS)
+
+
 def _lin_tensors(L: Lin) -> list[torch.Tensor | None]:
     return [L.W, L.b, L.A, L.B]
 
@@ -99,7 +122,7 @@ def plan_tensors(p: Plan) -> list[torch.Tensor | None]:
 def clone_plan(p: Plan) -> Plan:
     """A plan over private copies of every tensor (its rotary module copied too): writing into it
     (copy_plan_) never touches a model's weights. A tensor the plan uses twice (a tied embedding and
-    head) is copied once."""
+    head) is copied once. Packed weights (`packed`) are not copied: the copy reads its plain ones."""
     memo: dict[int, torch.Tensor] = {}
 
     def c(t):
@@ -328,16 +351,20 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     return hit[2]
 
 
-def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None) -> Lin:
+def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = True) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
     adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
     (implies fold: the cast rounds once). The copy's memory comes from `_fresh` (kept memory while
-    `kept_plan` builds) and no gradient reaches it."""
+    `kept_plan` builds) and no gradient reaches it. pack (with fold): also a `packed` copy of the weight
+    (fp32 only)."""
     parts = [_pieces(m) for m in mods]
     low = out_dtype not in (None, dtype)
     has_lora = any(p[2] for p in parts)
     if not (low or fold and has_lora):
-        return _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
+        lin = _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
+        if fold and pack and lin.A is None:  # an inference plan's weights: packed (fp32)
+            lin.P = packed(lin.W)
+        return lin
     Ws = [p[0] for p in parts]
     shape = (sum(w.shape[0] for w in Ws), Ws[0].shape[1])
     dest = _fresh(shape, out_dtype if low else dtype, Ws[0].device)
@@ -361,7 +388,7 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None)
         if W is not dest:
             dest.copy_(W)
         b = lin.b if lin.b is None or not low else lin.b.to(out_dtype)
-    return Lin(dest, b, None, None)
+    return Lin(dest, b, None, None, packed(dest) if pack else None)
 
 
 def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
@@ -436,7 +463,7 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
                             fuse([f.gate_proj, f.up_proj]), fuse([f.down_proj])))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     W = core.embed_tokens.weight
-    head = _fuse([m.lm_head], dtype, fold)
+    head = _fuse([m.lm_head], dtype, fold, pack=low is None)  # a cast plan: bit for bit as before
     norm = lowc(core.norm.weight)
     head_lp = None if low is None or head.b is not None else _fresh(head.W.shape, low, head.W.device).copy_(head.W.detach())
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
