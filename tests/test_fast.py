@@ -412,7 +412,7 @@ def test_cast_plan_folds_the_adapters_in_and_keeps_the_head(models):
     assert not torch.equal(c.layers[0].qkv.W.float(), torch.cat([mod.base_layer.weight for mod in (a.q_proj, a.k_proj, a.v_proj)]).bfloat16().float())
     f = llama.plan(m, fold=True)  # fp32 fold: the same sum, no rounding
     assert not f.has_lora and f.dtype == torch.float32
-    assert torch.allclose(f.layers[0].qkv.W, ref, atol=1e-6)
+    assert torch.allclose(llama.dense(f.layers[0].qkv.W), ref, atol=1e-6)
 
 
 def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
@@ -432,12 +432,12 @@ def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
     for a, b, lc in zip(u.layers, f.layers, c.layers):
         for name in ("qkv", "o", "gu", "down"):
             lu = getattr(a, name)
-            assert torch.equal(getattr(b, name).W, torch.addmm(lu.W, lu.B, lu.A))
+            assert torch.equal(llama.dense(getattr(b, name).W), torch.addmm(lu.W, lu.B, lu.A))
             assert torch.equal(getattr(lc, name).W, torch.addmm(lu.W, lu.B, lu.A).bfloat16())  # then one cast
 
 
 def _plans_equal(a, b) -> bool:
-    return all((x is None) == (y is None) and (x is None or x.dtype == y.dtype and torch.equal(x, y))
+    return all((x is None) == (y is None) and (x is None or x.dtype == y.dtype and torch.equal(llama.dense(x), llama.dense(y)))
                for x, y in zip(llama.plan_tensors(a), llama.plan_tensors(b)))
 
 
@@ -462,7 +462,8 @@ def test_kept_plan_is_a_fresh_plan_bit_for_bit_in_memory_kept_between_calls(mode
         assert _plans_equal(k2, ref2) and not _plans_equal(k2, ref)
         assert k2.layers[0].qkv.W.data_ptr() == ptr and llama.kept_bytes() == held > 0
         with llama.kept_plan(m, fold=True, dtype=dtype) as k3:  # nested: fresh memory, k2 untouched
-            assert k3.layers[0].qkv.W.data_ptr() != ptr and _plans_equal(k3, ref2)
+            w3 = k3.layers[0].qkv.W  # (a fresh fp32 plan keeps only its packed weights: no pointer)
+            assert (w3.is_mkldnn or w3.data_ptr() != ptr) and _plans_equal(k3, ref2)
         assert _plans_equal(k2, ref2)
     assert not any(p.requires_grad for p in llama.plan_tensors(k2) if p is not None)
     llama.release_kept()
@@ -531,13 +532,17 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     lin = f.layers[0].o
     with torch.no_grad():
         y = lin(x)
-    assert torch.allclose(y, torch.nn.functional.linear(x, lin.W), atol=1e-5)
+    assert torch.allclose(y, torch.nn.functional.linear(x, llama.dense(lin.W)), atol=1e-5)
+    if kind == "two-adapters":  # a fold made for this plan alone keeps only its packed form
+        assert all(lin.W is lin.P for L in f.layers for lin in (L.qkv, L.o, L.gu, L.down))
+        assert torch.equal(lin(x), y)  # read with gradients on too (x needing none)
     live = copy.deepcopy(tiny.model).requires_grad_(True)  # a trainable model's own weight
     lin = llama.plan(live, fold=True).layers[0].o
     assert lin.P is not None and lin.W is live.model.layers[0].self_attn.o_proj.weight
     lin(x).sum().backward()  # recorded: reads W, and its gradient arrives
     assert lin.W.grad is not None and lin.W.grad.abs().sum() > 0
-    assert llama.clone_plan(f).layers[0].qkv.P is None  # a copy reads its own plain weights
+    cl = llama.clone_plan(f)  # a copy reads its own plain weights
+    assert cl.layers[0].qkv.P is None and torch.equal(cl.layers[0].qkv.W, llama.dense(f.layers[0].qkv.W))
 
 
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):
