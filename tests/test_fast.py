@@ -515,6 +515,10 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     m, tok = models[kind], tiny.tokenizer
     run = lambda dtype=None: decode_and_logprobs(m, tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5,  # noqa: E731
                                                  dtype=dtype)
+    monkeypatch.setattr(D, "MERGE_MIN_TOKENS", 0)  # these few probes fold (and pack) too
+    calls = []
+    real_packed = llama.packed
+    monkeypatch.setattr(llama, "packed", lambda W: calls.append(W.shape) or real_packed(W))
     monkeypatch.setattr(llama, "PACK", False)
     ref_ids, ref = run()
     ref16 = run(torch.bfloat16)
@@ -525,7 +529,9 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     assert run(torch.bfloat16) == ref16
     f = llama.plan(m, fold=True)
     assert all(lin.P is not None for L in f.layers for lin in (L.qkv, L.o, L.gu, L.down)) and f.head.P is not None
+    calls.clear()
     ids, lps = run()
+    assert len(calls) >= 4 * len(f.layers) + 1 and all(lin.P is not None for lin in (f.head, f.layers[-1].down))
     assert ids == ref_ids and max(abs(a - b) for a, b in zip(lps, ref)) <= 1e-5
     assert llama.plan(m).layers[0].qkv.P is None  # not an inference plan: nothing packed
     x = torch.randn(6, f.layers[0].o.W.shape[1])
@@ -543,6 +549,36 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     assert lin.W.grad is not None and lin.W.grad.abs().sum() > 0
     cl = llama.clone_plan(f)  # a copy reads its own plain weights
     assert cl.layers[0].qkv.P is None and torch.equal(cl.layers[0].qkv.W, llama.dense(f.layers[0].qkv.W))
+
+
+def test_a_packed_plan_read_with_gradients_or_under_autocast_reads_dense_weights(models, tiny):
+    """Where a gradient is recorded (or the input has another dtype), a packed plan's products read the
+    dense weights: gradients reach the input and any trainable weight as without packing."""
+    ids = torch.randint(0, tiny.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    trainable = copy.deepcopy(tiny.model).requires_grad_(True)
+    lora = _lora(tiny.model).requires_grad_(True)  # its fold copies keep only their packed form
+    for m, fold_ref in ((trainable, False), (lora, True)):
+        def grads(fold, pack):
+            llama.PACK = pack
+            try:
+                m.zero_grad(set_to_none=True)
+                p = llama.plan(m, fold=fold)
+                p.head(llama.hidden(p, llama.pack(ids.tolist(), "cpu"))).logsumexp(-1).sum().backward()
+            finally:
+                llama.PACK = True
+            core = m.get_base_model().model if hasattr(m, "get_base_model") else m.model
+            return p, [t.grad for t in (core.embed_tokens.weight, core.layers[0].self_attn.q_proj.weight)]
+        ref = grads(fold_ref, False)[1]
+        p, got = grads(True, True)
+        assert p.layers[0].qkv.P is not None
+        for a, b in zip(ref, got):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert p.layers[0].qkv.W is p.layers[0].qkv.P  # (the LoRA fold: packed only, read dense above)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs to fp32 packed weights
+        h = llama.hidden(p, llama.pack(ids.tolist(), "cpu"))
+    assert torch.isfinite(h).all()
 
 
 def test_next_token_of_a_cast_plan_is_the_exact_heads_argmax(models):

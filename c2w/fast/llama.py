@@ -33,14 +33,17 @@ class Lin:
     b: torch.Tensor | None
     A: torch.Tensor | None  # [R, in], adapters stacked along the rank
     B: torch.Tensor | None  # [out, R], scaling folded in
-    P: torch.Tensor | None = None  # W prepacked for oneDNN (`packed`; no adapters): read instead of W when no
-    # gradient is recorded (the packed product has none). A weight copied for an inference plan alone keeps
-    # only this form: W is P then
+    P: torch.Tensor | None = None  # W prepacked for oneDNN (`packed`; no adapters): read instead of W unless
+    # a gradient is recorded through it (the packed product has none). A weight copied for an inference plan
+    # alone keeps only this form: W is P then, and a recorded product reads its dense values
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.P is not None and x.dtype == self.P.dtype and (self.W is self.P or not torch.is_grad_enabled()):
-            return torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
-        y = F.linear(x if x.dtype == self.W.dtype else x.to(self.W.dtype), self.W, self.b)
+        W = self.W
+        if self.P is not None:
+            if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (x.requires_grad or W.requires_grad)):
+                return torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
+            W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
+        y = F.linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
         if self.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
             # so the casts it would make (to y's dtype) are spelled out
@@ -88,12 +91,14 @@ class Unsupported(Exception):
     pass
 
 
-# fp32 inference plans on the CPU (the evaluator's scoring) also hold their weights prepacked for oneDNN,
-# whose fp32 kernels `torch.ops.mkldnn._linear_pointwise` runs instead of the MKL ones F.linear takes: a
-# fp32 scoring call of 32 probes on the dev machine (AMD EPYC) took 19-23% less (BENCHMARKS.md, session 26).
-# The products differ from MKL's in the last bits (log-probs by about 1e-6). The packed copies are made per
-# plan, beside its weights (about 500 MB for SmolLM2-135M, head included), and read only where no gradient
-# is recorded. bf16 plans gained nothing measurable from it (0-1%, session 26) and are not packed
+# fp32 inference plans on the CPU (folded, or a model without adapters: the evaluator's scoring) hold their
+# weights prepacked for oneDNN, whose fp32 kernels `torch.ops.mkldnn._linear_pointwise` runs instead of the
+# MKL ones F.linear takes: 19-23% off an fp32 scoring call of 32 probes on the dev machine (AMD EPYC); a copy
+# made for the plan alone (a fold, a concatenation) keeps only its packed form, which took another 8% off
+# (its memory goes back at once; BENCHMARKS.md, session 26). The products differ from MKL's in the last
+# bits (log-probs by about 1e-6). The packed weights are a snapshot taken when the plan is built (as folds
+# always were). A product through which a gradient is recorded reads the dense weight instead, so that it
+# flows. Cast (bf16) plans pack nothing: prepacking gained 0-1% there (session 26), and they stay bit for bit
 PACK = True
 PACK_ROWS = 32  # oneDNN's hint of the row count the packed weight will meet (any count works)
 
@@ -371,9 +376,9 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None,
         lin = _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
         if fold and pack and lin.A is None:  # an inference plan's weights: packed (fp32)
             lin.P = packed(lin.W)
-            if lin.P is not None and _build_at() is None and not any(lin.W is w for w in Ws):  # a concatenation:
-                # only its packed form stays (as for a fold, below)
-                lin.W = lin.P
+            if (lin.P is not None and _build_at() is None and not any(lin.W is w for w in Ws)
+                    and not lin.W.requires_grad):  # a concatenation no gradient reaches: only its packed form
+                lin.W = lin.P  # stays (as for a fold, below)
         return lin
     shape = (sum(w.shape[0] for w in Ws), Ws[0].shape[1])
     dest = _fresh(shape, out_dtype if low else dtype, Ws[0].device)
@@ -397,7 +402,7 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None,
         if W is not dest:
             dest.copy_(W)
         b = lin.b if lin.b is None or not low else lin.b.to(out_dtype)
-    P = packed(dest) if pack else None
+    P = packed(dest) if pack and not low else None  # (a cast plan packs nothing)
     # a fresh copy keeps only its packed form (its memory goes back at once, and the next group reuses it:
     # 8% off an fp32 scoring call, and 400 MB off its peak, session 26); kept memory stays the plan's W
     return Lin(P if P is not None and _build_at() is None else dest, b, None, None, P)
