@@ -32,6 +32,7 @@ KINDS: tuple[tuple[str, str], ...] = (
     # autograd's own rows (their self time is bookkeeping; the work is in the aten ops they call)
     ("framework", r"^autograd::|backward\d+$|accumulategrad"),
     ("attention", r"scaled_dot_product|flash|fmha|attention|sdpa"),
+    ("copy/cast/index", r"^mkldnn::_reorder"),  # a weight's repacking (llama.packed), before matmul's "mkldnn"
     ("matmul", r"^aten::(mm|addmm_?|bmm|baddbmm|matmul|linear|_addmm_activation)$|gemm|gemv|splitk|xmma|nvjet|"
                r"cublas|s16816|h16816|wgmma|mkldnn|onednn"),
     ("softmax/loss", r"softmax|logsumexp|nll|cross_entropy"),

@@ -43,6 +43,7 @@ from c2w.perf_profile import format_profile, op_kind, profile_step
     ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
      "at::native::binary_internal::MulFunctor<float>>>", "elementwise"),
     ("Memcpy HtoD (Pageable -> Device)", "copy/cast/index"),
+    ("mkldnn::_linear_pointwise", "matmul"), ("mkldnn::_reorder_linear_weight", "copy/cast/index"),
     ("aten::some_new_op", "other"),
 ])
 def test_op_kind_names_each_row_once(name, kind):
