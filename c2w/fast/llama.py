@@ -362,23 +362,21 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     return hit[2]
 
 
-def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = True) -> Lin:
+def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = False) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
     adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
     (implies fold: the cast rounds once). The copy's memory comes from `_fresh` (kept memory while
-    `kept_plan` builds) and no gradient reaches it. pack (with fold): also a `packed` copy of the weight
-    (fp32 only)."""
+    `kept_plan` builds) and no gradient reaches it. pack (with fold): the weight also `packed` (fp32
+    only; see `_with_packed`)."""
     parts = [_pieces(m) for m in mods]
     Ws = [p[0] for p in parts]
     low = out_dtype not in (None, dtype)
     has_lora = any(p[2] for p in parts)
     if not (low or fold and has_lora):
         lin = _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
-        if fold and pack and lin.A is None:  # an inference plan's weights: packed (fp32)
-            lin.P = packed(lin.W)
-            if (lin.P is not None and _build_at() is None and not any(lin.W is w for w in Ws)
-                    and not lin.W.requires_grad):  # a concatenation no gradient reaches: only its packed form
-                lin.W = lin.P  # stays (as for a fold, below)
+        if fold and pack and lin.A is None:  # an inference plan's weights; a concatenation no gradient
+            # reaches is a copy of its own
+            return _with_packed(lin, own=not any(lin.W is w for w in Ws) and not lin.W.requires_grad)
         return lin
     shape = (sum(w.shape[0] for w in Ws), Ws[0].shape[1])
     dest = _fresh(shape, out_dtype if low else dtype, Ws[0].device)
@@ -402,10 +400,18 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None,
         if W is not dest:
             dest.copy_(W)
         b = lin.b if lin.b is None or not low else lin.b.to(out_dtype)
-    P = packed(dest) if pack and not low else None  # (a cast plan packs nothing)
-    # a fresh copy keeps only its packed form (its memory goes back at once, and the next group reuses it:
-    # 8% off an fp32 scoring call, and 400 MB off its peak, session 26); kept memory stays the plan's W
-    return Lin(P if P is not None and _build_at() is None else dest, b, None, None, P)
+    lin = Lin(dest, b, None, None)
+    return _with_packed(lin, own=True) if pack else lin
+
+
+def _with_packed(lin: Lin, own: bool) -> Lin:
+    """lin with its weight also `packed` (where that applies). own (a copy made for this plan alone, not
+    in kept memory): only the packed form stays, W is P; its memory goes back at once and the next group
+    reuses it (8% off an fp32 scoring call, and 400 MB off its peak, session 26)."""
+    P = packed(lin.W)
+    if P is None:
+        return lin
+    return Lin(P if own and _build_at() is None else lin.W, lin.b, None, None, P)
 
 
 def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
@@ -474,13 +480,13 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
         a, f = blk.self_attn, blk.mlp
         if type(a).__name__ != "LlamaAttention" or type(f).__name__ != "LlamaMLP":
             raise Unsupported("layer type")
-        fuse = lambda mods: _fuse(mods, dtype, fold, low)  # noqa: E731
+        fuse = lambda mods: _fuse(mods, dtype, fold, low, pack=low is None)  # noqa: E731
         layers.append(Layer(lowc(blk.input_layernorm.weight), fuse([a.q_proj, a.k_proj, a.v_proj]),
                             fuse([a.o_proj]), lowc(blk.post_attention_layernorm.weight),
                             fuse([f.gate_proj, f.up_proj]), fuse([f.down_proj])))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     W = core.embed_tokens.weight
-    head = _fuse([m.lm_head], dtype, fold, pack=low is None)  # a cast plan: bit for bit as before
+    head = _fuse([m.lm_head], dtype, fold, pack=low is None)  # a cast plan packs nothing: bit for bit as before
     norm = lowc(core.norm.weight)
     head_lp = None if low is None or head.b is not None else _fresh(head.W.shape, low, head.W.device).copy_(head.W.detach())
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
