@@ -551,6 +551,106 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     assert cl.layers[0].qkv.P is None and torch.equal(cl.layers[0].qkv.W, llama.dense(f.layers[0].qkv.W))
 
 
+def test_kept_packed_weights_score_like_folds_and_follow_every_change_to_the_model(models, tiny, monkeypatch):
+    """Inside keep_packed(), fp32 scoring reads frozen weights packed once and adds the adapters unfolded:
+    the numbers of the per-call fold within fp32 rounding, no packing on later calls, and every change
+    seen: adapters (read live), a base weight written in place (its version), one written through
+    `.data` as PEFT's merges write (a sample of its values), a model that trains (never kept)."""
+    held, tok = [copy.deepcopy(models["two-adapters"])], tiny.tokenizer
+    m = held[0]
+    run = lambda: decode_and_logprobs(held[0], tok, PROMPTS, ANSWERS, [4] * len(PROMPTS), batch_size=5)  # noqa: E731
+
+    def same(a, b):
+        assert a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1], b[1])) <= 1e-5
+
+    calls = []
+    real_packed = llama.packed
+    monkeypatch.setattr(llama, "packed", lambda W: calls.append(W.shape) or real_packed(W))
+    monkeypatch.setattr(D, "MERGE_MIN_TOKENS", 0)  # the reference folds (and packs) these few probes
+    q = m.get_base_model().model.layers[1].self_attn.q_proj.base_layer.weight
+    with llama.keep_packed():
+        same(run(), ref := _fold_run(run))
+        assert llama.kept_pack_bytes() > 0
+        p = llama.plan(m, fold=True, tokens=100)
+        assert all(lin.A is not None and lin.W is lin.P is not None and lin.parts
+                   for L in p.layers for lin in (L.qkv, L.o, L.gu, L.down)) and p.head.P is not None
+        assert len(p.layers[0].qkv.parts) == 3 and p.layers[0].qkv.parts[1][2:] == (8, 16)  # k's rows: ranks 8-16
+        x = torch.randn(7, p.layers[0].qkv.A.shape[1])
+        with torch.no_grad():
+            y = p.layers[0].qkv(x)
+        lin = p.layers[0].qkv
+        assert torch.allclose(y, x @ llama.dense(lin.W).t() + (x @ lin.A.t()) @ lin.B.t(), atol=1e-5)
+        calls.clear()
+        same(run(), ref)
+        assert calls == []  # nothing packed again
+        with torch.no_grad():  # adapters change (an optimizer step): read live, still nothing packed
+            for n, t in m.named_parameters():
+                if "lora_B" in n:
+                    t.mul_(1.5)
+        ref = _fold_run(run)
+        calls.clear()
+        same(run(), ref)
+        assert calls == []
+        flat = q.view(-1)  # one base value no sample reads, written in place: its version changes
+        step = flat.numel() // llama.SAMPLE + (flat.numel() // llama.SAMPLE % q.shape[1] == 0)
+        with torch.no_grad():
+            flat[1 if step > 1 else None] = -7.0
+        assert step > 1 and not (llama._sample(q) == -7.0).any()
+        ref = _fold_run(run)
+        calls.clear()
+        same(run(), ref)
+        assert len(calls) == 1  # that group alone packed again
+        with torch.no_grad():
+            delta = torch.randn_like(q) * 0.5
+        q.data += delta  # no version bump: the sample sees it
+        ref = _fold_run(run)
+        calls.clear()
+        same(run(), ref)
+        assert len(calls) == 1
+        fold = llama.plan(m, fold=True, tokens=10 ** 9)  # long enough: folding pays
+        assert fold.layers[0].qkv.A is None and fold.layers[0].qkv.W is fold.layers[0].qkv.P
+        live = copy.deepcopy(tiny.model).requires_grad_(True)  # weights that train are never kept
+        before = llama.kept_pack_bytes()
+        llama.plan(live, fold=True, tokens=10)
+        assert llama.kept_pack_bytes() == before
+        del m, p, lin, fold, q, flat
+        held.clear()
+        import gc
+        gc.collect()
+        assert llama.kept_pack_bytes() == 0  # a freed model's entries go with it
+    assert llama._PACKS is None and llama.kept_pack_bytes() == 0
+
+
+def _fold_run(run):
+    """run() outside keep_packed() (the per-call fold), even from inside a block."""
+    kept, llama._PACKS = llama._PACKS, None
+    try:
+        return run()
+    finally:
+        llama._PACKS = kept
+
+
+def test_kept_packed_plans_read_with_gradients_reach_the_adapters(models, tiny):
+    """A plan over kept packed weights read with gradients on reads the dense weights: the adapters'
+    gradients are those of the ordinary plan."""
+    m = _lora(tiny.model).requires_grad_(False)
+    for n, t in m.named_parameters():
+        t.requires_grad_("lora_" in n)
+    ids = torch.randint(0, tiny.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+
+    def grads(p):
+        m.zero_grad(set_to_none=True)
+        p.head(llama.hidden(p, llama.pack(ids.tolist(), "cpu"))).logsumexp(-1).sum().backward()
+        return [t.grad.clone() for n, t in m.named_parameters() if "lora_" in n]
+
+    ref = grads(llama.plan(m))
+    with llama.keep_packed():
+        p = llama.plan(m, fold=True, tokens=10)
+        assert p.layers[0].qkv.P is not None and p.layers[0].qkv.A is not None
+        got = grads(p)
+    _grad_close(got, ref)
+
+
 def test_a_packed_plan_read_with_gradients_or_under_autocast_reads_dense_weights(models, tiny):
     """Where a gradient is recorded (or the input has another dtype), a packed plan's products read the
     dense weights: gradients reach the input and any trainable weight as without packing."""

@@ -232,3 +232,29 @@ def test_a_replaces_target_outside_the_stream_is_ignored():
     ps = build_probeset(Stream([Record("k1", 1, "Paris is in France.", (Probe("Paris is in", "France"),), role="known",
                                        replaces="f0001")], "t"))
     assert ps.updates == [] and ps.items == []
+
+
+def test_the_evaluator_scores_from_kept_packed_weights_with_the_same_results(tiny, monkeypatch):
+    """run_learner holds llama.keep_packed() through the run: every evaluation finds it open, the packs
+    go when the run ends, and the run's numbers are those of per-call plans (log-probs within fp32
+    rounding)."""
+    import contextlib
+
+    from c2w.evaluation import runner
+    from c2w.fast import llama
+
+    stream = stream_with_every_role()
+    ctx = EvalContext(stream, build_probeset(stream), "raw", [], [])
+    base = evaluate(tiny.model, tiny.tokenizer, ctx)
+    seen = []
+    real = runner.score_routed
+    monkeypatch.setattr(runner, "score_routed", lambda *a, **k: (real(*a, **k), seen.append(llama.kept_pack_bytes() > 0))[0])
+    run = lambda: run_learner(LoraLearner(tiny, LearnerConfig(token_budget=60, progress_points=2, seed=0)), ctx, base)  # noqa: E731
+    kept = run()
+    assert seen and all(seen) and llama._PACKS is None
+    seen.clear()
+    monkeypatch.setattr(llama, "keep_packed", contextlib.nullcontext)
+    plain = run()
+    assert seen and not any(seen)
+    assert kept["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert np.allclose(kept["logprob"]["matrix"], plain["logprob"]["matrix"], atol=1e-4, equal_nan=True)

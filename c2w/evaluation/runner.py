@@ -14,6 +14,7 @@ from c2w.evaluation.drift import drift, drift_rows, summarise_drift
 from c2w.evaluation.memory import PeakMemory
 from c2w.evaluation.probeset import ProbeSet
 from c2w.evaluation.scoring import format_prompts, score_probes
+from c2w.fast import llama
 from c2w.learners.base import Learner
 from c2w.streams.records import Stream
 
@@ -89,7 +90,8 @@ def _by_episode(values: np.ndarray, ps: ProbeSet) -> np.ndarray:
 def run_learner(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None, setup_s: float = 0.0) -> dict:
     """Observe each episode, evaluate all probes after it; return this run's metrics dict.
     setup_s: seconds the learner took to build (c2w samples its rehearsal set there); wall_s includes it."""
-    with PeakMemory(learner.backbone.device) as mem:
+    # frozen fp32 CPU weights stay packed through the run (llama.keep_packed): scoring calls pack nothing
+    with PeakMemory(learner.backbone.device) as mem, llama.keep_packed():
         out = _run(learner, ctx, base, progress_bar)
     out["cost"]["peak_mem_mb"] = mem.peak_mb
     out["cost"]["setup_s"] = setup_s

@@ -66,6 +66,8 @@ def _plan_for(model, n_tokens: int, fast: bool, dtype: torch.dtype | None = None
     elif KEEP and _casts(model, dtype):
         with llama.kept_plan(model, fold=fold, dtype=dtype) as p:
             yield p
+    elif not _casts(model, dtype) and llama.packs_kept(model):  # each group folds only where that pays
+        yield llama.plan(model, fold=True, tokens=n_tokens)
     else:
         yield llama.plan(model, fold=fold, dtype=dtype)
 

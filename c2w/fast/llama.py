@@ -33,15 +33,25 @@ class Lin:
     b: torch.Tensor | None
     A: torch.Tensor | None  # [R, in], adapters stacked along the rank
     B: torch.Tensor | None  # [out, R], scaling folded in
-    P: torch.Tensor | None = None  # W prepacked for oneDNN (`packed`; no adapters): read instead of W unless
-    # a gradient is recorded through it (the packed product has none). A weight copied for an inference plan
-    # alone keeps only this form: W is P then, and a recorded product reads its dense values
+    P: torch.Tensor | None = None  # W prepacked for oneDNN (`packed`): read instead of W unless a gradient
+    # is recorded through it (the packed product has none). A weight copied for an inference plan alone, or
+    # kept packed between calls (`keep_packed`), keeps only this form: W is P then, and a recorded product
+    # reads its dense values
+    parts: tuple[tuple[int, int, int, int], ...] = ()  # (row0, row1, col0, col1): B's nonzero blocks, one
+    # per module with adapters (B is zero elsewhere); the packed path adds each block's product alone
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         W = self.W
         if self.P is not None:
-            if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (x.requires_grad or W.requires_grad)):
-                return torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
+            if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (
+                    x.requires_grad or W.requires_grad or self.A is not None and (self.A.requires_grad or self.B.requires_grad))):
+                y = torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
+                if self.A is not None:  # an inference plan's unfolded adapters (`keep_packed`)
+                    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+                    xa = x2 @ self.A.t()  # [N, R]
+                    for r0, r1, c0, c1 in self.parts:  # only the nonzero blocks: a third of q/k/v's B, half of gate/up's
+                        y2[:, r0:r1].addmm_(xa[:, c0:c1], self.B[r0:r1, c0:c1].t())
+                return y
             W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
         y = F.linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
         if self.A is not None:
@@ -103,13 +113,115 @@ PACK = True
 PACK_ROWS = 32  # oneDNN's hint of the row count the packed weight will meet (any count works)
 
 
+def _packable(W: torch.Tensor) -> bool:
+    return (PACK and W.device.type == "cpu" and W.dtype == torch.float32 and W.dim() == 2
+            and torch.backends.mkldnn.is_available())
+
+
 def packed(W: torch.Tensor) -> torch.Tensor | None:
     """W [out, in] repacked for `torch.ops.mkldnn._linear_pointwise` (a copy), or None where that does not
     apply: PACK off, not an fp32 CPU matrix, or no oneDNN."""
-    if not (PACK and W.device.type == "cpu" and W.dtype == torch.float32 and W.dim() == 2
-            and torch.backends.mkldnn.is_available()):
+    if not _packable(W):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(W.detach(), PACK_ROWS)
+
+
+# Packed copies of frozen weights kept between inference plans, only inside `keep_packed()` (the evaluator
+# holds it through a learner's run). An fp32 scoring call then packs nothing: it reads the kept base weights
+# and adds the adapters unfolded (`Lin.parts`), where folding them meant a copy of every weight and its
+# packing at each call (about 0.2 s of a 1.9 s scoring call of 32 probes on the dev machine). Folding
+# still pays where the adapters' products outweigh it (`FOLD_RATIO`: long calls, large stacked ranks).
+# Entries are keyed by the first weight's id and checked against a weak reference to every weight of the
+# group, their versions, storage and a sample of their values: the sample catches a write that bumps no
+# version (`.data`, as PEFT's merges write) wherever it changes a sampled value (any dense update such
+# as a merged adapter's; a write to a few elements may escape it, which is why the cache is opt-in)
+_PACKS: dict[int, tuple] | None = None  # id(first weight) -> (refs, key, samples, packed); None: no cache
+_PACK_USERS = 0
+SAMPLE = 1024  # values per weight in an entry's check
+# A group's adapters fold when the call has at least FOLD_MIN_TOKENS tokens and tokens x (the adapters'
+# multiply-adds per token) >= FOLD_RATIO x (the group's weights). On the dev machine, whole plans of `c2w
+# perf`'s scoring prompts, folded against unfolded (BENCHMARKS.md, session 27): at rank 16 unfolded was 12%
+# faster at 916 tokens, even at 1,331 and 1,742, 4-8% slower at 2,605 and 5,257; at rank 64 unfolded was
+# faster at 333 and 916 tokens; at rank 128 folding was 23% faster at 1,331
+FOLD_MIN_TOKENS = 1024
+FOLD_RATIO = 80
+
+
+@contextlib.contextmanager
+def keep_packed():
+    """Keep packed copies of frozen fp32 CPU weights between inference plans while any such block is
+    open (built at first use, about 540 MB for SmolLM2-135M; forgotten when the last block closes).
+    Inside it nothing may write those weights without bumping their version (`.data`, as PEFT's
+    merges do): a sample of values is checked, not all of them."""
+    global _PACKS, _PACK_USERS
+    if _PACK_USERS == 0:
+        _PACKS = {}
+    _PACK_USERS += 1
+    try:
+        yield
+    finally:
+        _PACK_USERS -= 1
+        if _PACK_USERS == 0:
+            _PACKS = None
+
+
+def packs_kept(model) -> bool:
+    """Whether `model`'s inference plans read kept packed weights (inside `keep_packed()`, an fp32 CPU
+    model): callers then ask for `plan(model, fold=True, tokens=n)` and let each group choose."""
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    return _PACKS is not None and emb is not None and _packable(emb.weight)
+
+
+def kept_pack_bytes() -> int:
+    """Bytes of the packed weights `keep_packed()` holds now."""
+    return 0 if _PACKS is None else sum(e[3].numel() * e[3].element_size() for e in _PACKS.values())
+
+
+def _sample(w: torch.Tensor) -> torch.Tensor:
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE)
+    if w.dim() == 2 and step % w.shape[1] == 0:
+        step += 1  # not one column over and over
+    return flat[::step].clone()
+
+
+def _forget(k: int) -> None:
+    e = None if _PACKS is None else _PACKS.get(k)
+    if e is not None and e[0][0]() is None:
+        del _PACKS[k]
+
+
+def _kept_pack(Ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """The packed concatenation of frozen Ws, kept by `keep_packed()` (built on first use, again after
+    any weight was replaced or written); None outside it, for weights that train, or where packing does
+    not apply."""
+    if _PACKS is None or any(w.requires_grad for w in Ws) or not _packable(Ws[0]):
+        return None
+    key = tuple((w._version, w.data_ptr(), tuple(w.shape), w.dtype) for w in Ws)
+    hit = _PACKS.get(id(Ws[0]))
+    live = hit is not None and len(hit[0]) == len(Ws) and all(r() is w for r, w in zip(hit[0], Ws))
+    if live and hit[1] == key and all(torch.equal(_sample(w), t) for w, t in zip(Ws, hit[2])):
+        return hit[3]
+    with torch.no_grad():
+        P = packed(Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0))
+    if not live:
+        weakref.finalize(Ws[0], _forget, id(Ws[0]))  # a model freed inside the block takes its entry along
+    _PACKS[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, [_sample(w) for w in Ws], P)
+    return P
+
+
+def _fold_pays(parts, tokens: int | None) -> bool:
+    """Whether folding a group's adapters (a copy of its weights, then packing) costs less than adding
+    them unfolded to the products of `tokens` tokens (None: always fold)."""
+    if tokens is None:
+        return True
+    if tokens < FOLD_MIN_TOKENS:
+        return False
+    n_in = parts[0][0].shape[1]
+    n_out = sum(p[0].shape[0] for p in parts)
+    ranks = [sum(A.shape[0] for A, _, _ in p[2]) for p in parts]
+    macs = sum(ranks) * n_in + sum(r * p[0].shape[0] for r, p in zip(ranks, parts))  # x A^T, then B's blocks
+    return tokens * macs >= FOLD_RATIO * n_in * n_out
 
 
 def dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -143,7 +255,7 @@ def clone_plan(p: Plan) -> Plan:
             memo[id(t)] = dense(t) if t.is_mkldnn else t.detach().clone()
         return memo[id(t)]
 
-    cl = lambda L: Lin(c(L.W), c(L.b), c(L.A), c(L.B))  # noqa: E731
+    cl = lambda L: Lin(c(L.W), c(L.b), c(L.A), c(L.B), parts=L.parts)  # noqa: E731
     return dataclasses.replace(
         p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
         layers=[Layer(c(L.ln1), cl(L.qkv), cl(L.o), c(L.ln2), cl(L.gu), cl(L.down)) for L in p.layers])
@@ -362,16 +474,22 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     return hit[2]
 
 
-def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = False) -> Lin:
+def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = False,
+          tokens: int | None = None) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
     adapters folded into (a copy of) the weights; out_dtype: that copy cast to it, after the fold
     (implies fold: the cast rounds once). The copy's memory comes from `_fresh` (kept memory while
     `kept_plan` builds) and no gradient reaches it. pack (with fold): the weight also `packed` (fp32
-    only; see `_with_packed`)."""
+    only; see `_with_packed`); inside `keep_packed()`, frozen weights come packed from its cache and the
+    adapters stay unfolded unless folding pays for `tokens` tokens (`_fold_pays`)."""
     parts = [_pieces(m) for m in mods]
     Ws = [p[0] for p in parts]
     low = out_dtype not in (None, dtype)
     has_lora = any(p[2] for p in parts)
+    if fold and pack and not low and not (has_lora and _fold_pays(parts, tokens)):
+        P = _kept_pack(Ws)
+        if P is not None:  # the kept packed weights, the adapters live (W is P: see Lin.P)
+            return dataclasses.replace(_stacked(parts, dtype, Ws[0]), W=P, P=P)
     if not (low or fold and has_lora):
         lin = _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
         if fold and pack and lin.A is None:  # an inference plan's weights; a concatenation no gradient
@@ -436,31 +554,34 @@ def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
     A = As[0] if len(As) == 1 else torch.cat(As, 0)
     # B is block-structured: rows of module j only see the ranks of module j's adapters.
     R = A.shape[0]
-    rows, col = [], 0
+    rows, col, row, parts = [], 0, 0, []
     for out, blocks in Bs:
         r = sum(bl.shape[1] for bl in blocks)
         cat = torch.cat(blocks, 1) if len(blocks) > 1 else (blocks[0] if blocks else W.new_zeros(out, 0))
         rows.append(F.pad(cat, (col, R - col - r)) if R != r else cat)
-        col += r
+        if r:
+            parts.append((row, row + out, col, col + r))
+        col, row = col + r, row + out
     B = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
-    return Lin(W, b, A, B)
+    return Lin(W, b, A, B, parts=tuple(parts))
 
 
-def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None) -> Plan | None:
+def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None, tokens: int | None = None) -> Plan | None:
     """Extract the computation of `model`, or None when the lean path does not cover it.
 
     For inference over many tokens: fold=True folds the adapters into (copies of) the weights; a
     `dtype` (torch.bfloat16) also casts the blocks' weights, so hidden states run in it, while the
     embedding and the output head stay in the model's dtype (logits and log-probs keep its precision)
     and the head gains a `dtype` copy for greedy's candidates (`next_token`). Either way no gradient
-    reaches the model."""
+    reaches the model. tokens: how many tokens the plan will process, inside `keep_packed()`, where each
+    group of an fp32 plan then folds only if that pays (`_fold_pays`) and reads kept packed weights if not."""
     try:
-        return _plan(model, fold or dtype is not None, dtype)
+        return _plan(model, fold or dtype is not None, dtype, tokens)
     except Unsupported:
         return None
 
 
-def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
+def _plan(model, fold: bool = False, cast: torch.dtype | None = None, tokens: int | None = None) -> Plan:
     m = _unwrap(model)
     cfg = getattr(m, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "llama" or not hasattr(m, "model"):
@@ -480,13 +601,13 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None) -> Plan:
         a, f = blk.self_attn, blk.mlp
         if type(a).__name__ != "LlamaAttention" or type(f).__name__ != "LlamaMLP":
             raise Unsupported("layer type")
-        fuse = lambda mods: _fuse(mods, dtype, fold, low, pack=low is None)  # noqa: E731
+        fuse = lambda mods: _fuse(mods, dtype, fold, low, pack=low is None, tokens=tokens)  # noqa: E731
         layers.append(Layer(lowc(blk.input_layernorm.weight), fuse([a.q_proj, a.k_proj, a.v_proj]),
                             fuse([a.o_proj]), lowc(blk.post_attention_layernorm.weight),
                             fuse([f.gate_proj, f.up_proj]), fuse([f.down_proj])))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     W = core.embed_tokens.weight
-    head = _fuse([m.lm_head], dtype, fold, pack=low is None)  # a cast plan packs nothing: bit for bit as before
+    head = _fuse([m.lm_head], dtype, fold, pack=low is None, tokens=tokens)  # a cast plan packs nothing: bit for bit as before
     norm = lowc(core.norm.weight)
     head_lp = None if low is None or head.b is not None else _fresh(head.W.shape, low, head.W.device).copy_(head.W.detach())
     return Plan(W, layers, norm, head, core.rotary_emb, cfg.rms_norm_eps, cfg.num_attention_heads,
