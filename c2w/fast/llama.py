@@ -37,8 +37,9 @@ class Lin:
     # is recorded through it (the packed product has none). A weight copied for an inference plan alone, or
     # kept packed between calls (`keep_packed`), keeps only this form: W is P then, and a recorded product
     # reads its dense values
-    parts: tuple[tuple[int, int, int, int], ...] = ()  # (row0, row1, col0, col1): B's nonzero blocks, one
-    # per module with adapters (B is zero elsewhere); the packed path adds each block's product alone
+    parts: tuple[tuple[int, int, int, int], ...] | None = None  # (row0, row1, col0, col1): B's nonzero
+    # blocks, one per module with adapters (B is zero elsewhere; None: all of B is one block); the packed path
+    # adds each block's product alone
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         W = self.W
@@ -49,7 +50,8 @@ class Lin:
                 if self.A is not None:  # an inference plan's unfolded adapters (`keep_packed`)
                     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
                     xa = x2 @ self.A.t()  # [N, R]
-                    for r0, r1, c0, c1 in self.parts:  # only the nonzero blocks: a third of q/k/v's B, half of gate/up's
+                    parts = self.parts if self.parts is not None else ((0, y2.shape[1], 0, xa.shape[1]),)
+                    for r0, r1, c0, c1 in parts:  # only the nonzero blocks: a third of q/k/v's B, half of gate/up's
                         y2[:, r0:r1].addmm_(xa[:, c0:c1], self.B[r0:r1, c0:c1].t())
                 return y
             W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
@@ -162,51 +164,64 @@ def keep_packed():
     finally:
         _PACK_USERS -= 1
         if _PACK_USERS == 0:
+            _PACKS.clear()  # at once: each entry's weak reference holds the dict (a cycle the collector would free late)
             _PACKS = None
 
 
 def packs_kept(model) -> bool:
     """Whether `model`'s inference plans read kept packed weights (inside `keep_packed()`, an fp32 CPU
-    model): callers then ask for `plan(model, fold=True, tokens=n)` and let each group choose."""
+    model whose base weights are frozen): callers then ask for `plan(model, fold=True, tokens=n)` and let
+    each group choose. A model that trains its own weights (full fine-tuning) keeps the per-call plans."""
     emb = getattr(model, "get_input_embeddings", lambda: None)()
-    return _PACKS is not None and emb is not None and _packable(emb.weight)
+    if _PACKS is None or emb is None or not _packable(emb.weight):
+        return False
+    return not any(t.requires_grad for n, t in _unwrap(model).named_parameters() if "lora_" not in n)
 
 
 def kept_pack_bytes() -> int:
     """Bytes of the packed weights `keep_packed()` holds now."""
-    return 0 if _PACKS is None else sum(e[3].numel() * e[3].element_size() for e in _PACKS.values())
+    packs = _PACKS
+    return 0 if packs is None else sum(e[3].numel() * e[3].element_size() for e in list(packs.values()))
 
 
 def _sample(w: torch.Tensor) -> torch.Tensor:
+    """About SAMPLE of w's values spread over it, as raw bits (a NaN compares equal to itself)."""
     flat = w.detach().reshape(-1)
     step = max(1, flat.numel() // SAMPLE)
     if w.dim() == 2 and step % w.shape[1] == 0:
         step += 1  # not one column over and over
-    return flat[::step].clone()
+    return flat[::step].clone().view(torch.int32)
 
 
-def _forget(k: int) -> None:
-    e = None if _PACKS is None else _PACKS.get(k)
-    if e is not None and e[0][0]() is None:
-        del _PACKS[k]
+def _forget(packs: dict, k: int):
+    """A weak reference's callback: drop entry k of `packs` once its first weight is freed (the callback
+    lives as long as the entry's reference: a replaced entry takes it along)."""
+    def gone(_ref):
+        e = packs.get(k)
+        if e is not None and e[0][0]() is None:
+            del packs[k]
+    return gone
 
 
 def _kept_pack(Ws: list[torch.Tensor]) -> torch.Tensor | None:
     """The packed concatenation of frozen Ws, kept by `keep_packed()` (built on first use, again after
     any weight was replaced or written); None outside it, for weights that train, or where packing does
     not apply."""
-    if _PACKS is None or any(w.requires_grad for w in Ws) or not _packable(Ws[0]):
+    packs = _PACKS  # (one dict throughout, whatever another thread does to the scope meanwhile)
+    if (packs is None or any(w.requires_grad or w.is_inference() for w in Ws)  # (inference tensors: no version)
+            or not _packable(Ws[0]) or any(w.dtype != Ws[0].dtype for w in Ws)):
         return None
     key = tuple((w._version, w.data_ptr(), tuple(w.shape), w.dtype) for w in Ws)
-    hit = _PACKS.get(id(Ws[0]))
+    k = id(Ws[0])
+    hit = packs.get(k)
     live = hit is not None and len(hit[0]) == len(Ws) and all(r() is w for r, w in zip(hit[0], Ws))
     if live and hit[1] == key and all(torch.equal(_sample(w), t) for w, t in zip(Ws, hit[2])):
         return hit[3]
     with torch.no_grad():
         P = packed(Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0))
-    if not live:
-        weakref.finalize(Ws[0], _forget, id(Ws[0]))  # a model freed inside the block takes its entry along
-    _PACKS[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, [_sample(w) for w in Ws], P)
+    # the first reference's callback drops the entry when that weight is freed (a model freed inside the block)
+    refs = [weakref.ref(Ws[0], _forget(packs, k))] + [weakref.ref(w) for w in Ws[1:]]
+    packs[k] = (refs, key, [_sample(w) for w in Ws], P)
     return P
 
 
@@ -573,7 +588,7 @@ def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None, tokens:
     `dtype` (torch.bfloat16) also casts the blocks' weights, so hidden states run in it, while the
     embedding and the output head stay in the model's dtype (logits and log-probs keep its precision)
     and the head gains a `dtype` copy for greedy's candidates (`next_token`). Either way no gradient
-    reaches the model. tokens: how many tokens the plan will process, inside `keep_packed()`, where each
+    reaches the folded weights (unfolded adapters, with `tokens`, stay live). tokens: how many tokens the plan will process, inside `keep_packed()`, where each
     group of an fp32 plan then folds only if that pays (`_fold_pays`) and reads kept packed weights if not."""
     try:
         return _plan(model, fold or dtype is not None, dtype, tokens)
