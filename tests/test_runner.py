@@ -252,9 +252,10 @@ def test_the_evaluator_scores_from_kept_packed_weights_with_the_same_results(tin
     run = lambda: run_learner(LoraLearner(tiny, LearnerConfig(token_budget=60, progress_points=2, seed=0)), ctx, base)  # noqa: E731
     kept = run()
     assert seen and all(seen) and llama._PACKS is None
+    assert kept["cost"]["eval_packed_mb"] > 0  # packed before the run's memory baseline, reported apart
     seen.clear()
     monkeypatch.setattr(llama, "keep_packed", contextlib.nullcontext)
     plain = run()
-    assert seen and not any(seen)
+    assert seen and not any(seen) and plain["cost"]["eval_packed_mb"] == 0
     assert kept["accuracy_matrix"] == plain["accuracy_matrix"]
     assert np.allclose(kept["logprob"]["matrix"], plain["logprob"]["matrix"], atol=1e-4, equal_nan=True)

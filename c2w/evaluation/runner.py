@@ -90,10 +90,14 @@ def _by_episode(values: np.ndarray, ps: ProbeSet) -> np.ndarray:
 def run_learner(learner: Learner, ctx: EvalContext, base: Snapshot, progress_bar=None, setup_s: float = 0.0) -> dict:
     """Observe each episode, evaluate all probes after it; return this run's metrics dict.
     setup_s: seconds the learner took to build (c2w samples its rehearsal set there); wall_s includes it."""
-    # frozen fp32 CPU weights stay packed through the run (llama.keep_packed): scoring calls pack nothing
-    with PeakMemory(learner.backbone.device) as mem, llama.keep_packed():
-        out = _run(learner, ctx, base, progress_bar)
+    # frozen fp32 CPU weights stay packed through the run (llama.keep_packed): scoring calls pack nothing.
+    # They are the evaluator's, not the learner's: packed before the memory baseline, reported apart
+    with llama.keep_packed():
+        packs = 0 if learner.static else llama.warm_packs(learner.model)
+        with PeakMemory(learner.backbone.device) as mem:
+            out = _run(learner, ctx, base, progress_bar)
     out["cost"]["peak_mem_mb"] = mem.peak_mb
+    out["cost"]["eval_packed_mb"] = packs / 2 ** 20
     out["cost"]["setup_s"] = setup_s
     out["cost"]["wall_s"] += setup_s
     return out

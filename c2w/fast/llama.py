@@ -142,9 +142,9 @@ _PACK_USERS = 0
 SAMPLE = 1024  # values per weight in an entry's check
 # A group's adapters fold when the call has at least FOLD_MIN_TOKENS tokens and tokens x (the adapters'
 # multiply-adds per token) >= FOLD_RATIO x (the group's weights). On the dev machine, whole plans of `c2w
-# perf`'s scoring prompts, folded against unfolded (BENCHMARKS.md, session 27): at rank 16 unfolded was 12%
-# faster at 916 tokens, even at 1,331 and 1,742, 4-8% slower at 2,605 and 5,257; at rank 64 unfolded was
-# faster at 333 and 916 tokens; at rank 128 folding was 23% faster at 1,331
+# perf`'s scoring prompts, folded against unfolded (BENCHMARKS.md, session 27): at rank 16 unfolded took
+# 0.88 of the time at 916 tokens, 1.00 and 1.05 at 1,331 and 1,742, 1.08 and 1.04 at 2,605 and 5,257; at
+# rank 64, 0.89 and 0.94 at 333 and 916 tokens; at rank 128, 1.23 at 1,331
 FOLD_MIN_TOKENS = 1024
 FOLD_RATIO = 80
 
@@ -176,6 +176,16 @@ def packs_kept(model) -> bool:
     if _PACKS is None or emb is None or not _packable(emb.weight):
         return False
     return not any(t.requires_grad for n, t in _unwrap(model).named_parameters() if "lora_" not in n)
+
+
+def warm_packs(model) -> int:
+    """Inside `keep_packed()`: pack `model`'s frozen weights now rather than at its first scoring call;
+    returns the bytes kept (0 where `packs_kept(model)` is False)."""
+    if not packs_kept(model):
+        return 0
+    with torch.no_grad():
+        plan(model, fold=True, tokens=0)  # (no group folds at 0 tokens: every frozen group is packed)
+    return kept_pack_bytes()
 
 
 def kept_pack_bytes() -> int:
