@@ -152,7 +152,7 @@ FOLD_RATIO = 80
 @contextlib.contextmanager
 def keep_packed():
     """Keep packed copies of frozen fp32 CPU weights between inference plans while any such block is
-    open (built at first use, about 540 MB for SmolLM2-135M; forgotten when the last block closes).
+    open (built at first use, about 510 MB for SmolLM2-135M; forgotten when the last block closes).
     Inside it nothing may write those weights without bumping their version (`.data`, as PEFT's
     merges do): a sample of values is checked, not all of them."""
     global _PACKS, _PACK_USERS
@@ -598,8 +598,9 @@ def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None, tokens:
     `dtype` (torch.bfloat16) also casts the blocks' weights, so hidden states run in it, while the
     embedding and the output head stay in the model's dtype (logits and log-probs keep its precision)
     and the head gains a `dtype` copy for greedy's candidates (`next_token`). Either way no gradient
-    reaches the folded weights (unfolded adapters, with `tokens`, stay live). tokens: how many tokens the plan will process, inside `keep_packed()`, where each
-    group of an fp32 plan then folds only if that pays (`_fold_pays`) and reads kept packed weights if not."""
+    reaches the folded weights. tokens: how many tokens the plan will process; inside `keep_packed()`
+    each group of an fp32 plan then folds only where that pays (`_fold_pays`), and otherwise reads kept
+    packed weights with its adapters unfolded (live: a gradient recorded through them reaches them)."""
     try:
         return _plan(model, fold or dtype is not None, dtype, tokens)
     except Unsupported:
