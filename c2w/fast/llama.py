@@ -203,6 +203,17 @@ def _sample(w: torch.Tensor) -> torch.Tensor:
     return flat[::step].clone().view(torch.int32)
 
 
+def _weights_key(Ws: list[torch.Tensor]) -> tuple:
+    """What changes when a weight is written in place (its version) or replaced (storage, shape, dtype):
+    the check of both caches of derived weights (`_fused_weight`'s and `_kept_pack`'s)."""
+    return tuple((w._version, w.data_ptr(), tuple(w.shape), w.dtype) for w in Ws)
+
+
+def _same_weights(refs: list, Ws: list[torch.Tensor]) -> bool:
+    """Whether weak references `refs` still point at exactly the weights Ws."""
+    return len(refs) == len(Ws) and all(r() is w for r, w in zip(refs, Ws))
+
+
 def _forget(packs: dict, k: int):
     """A weak reference's callback: drop entry k of `packs` once its first weight is freed (the callback
     lives as long as the entry's reference: a replaced entry takes it along)."""
@@ -221,10 +232,10 @@ def _kept_pack(Ws: list[torch.Tensor]) -> torch.Tensor | None:
     if (packs is None or any(w.requires_grad or w.is_inference() for w in Ws)  # (inference tensors: no version)
             or not _packable(Ws[0]) or any(w.dtype != Ws[0].dtype for w in Ws)):
         return None
-    key = tuple((w._version, w.data_ptr(), tuple(w.shape), w.dtype) for w in Ws)
+    key = _weights_key(Ws)
     k = id(Ws[0])
     hit = packs.get(k)
-    live = hit is not None and len(hit[0]) == len(Ws) and all(r() is w for r, w in zip(hit[0], Ws))
+    live = hit is not None and _same_weights(hit[0], Ws)
     if live and hit[1] == key and all(torch.equal(_sample(w), t) for w, t in zip(Ws, hit[2])):
         return hit[3]
     with torch.no_grad():
@@ -490,9 +501,9 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     if (_LOWP is None or want == Ws[0].dtype and len(Ws) == 1 or any(w.requires_grad for w in Ws)
             or Ws[0].device.type != "cpu" or torch.is_inference_mode_enabled()):
         return Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
-    key = tuple((w._version, w.data_ptr(), w.shape) for w in Ws)
+    key = _weights_key(Ws)
     hit = _LOWP.get(id(Ws[0]))
-    if hit is None or any(r() is not w for r, w in zip(hit[0], Ws)) or hit[1] != key or hit[2].dtype != want:
+    if hit is None or not _same_weights(hit[0], Ws) or hit[1] != key or hit[2].dtype != want:
         with torch.autocast("cpu", enabled=False):
             cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(want)
         hit = _LOWP[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, cast)
