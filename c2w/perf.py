@@ -85,21 +85,29 @@ class PeakMem(PeakMemory):
 
 
 def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None, rounds: int = 3) -> float:
-    """FLOP/s of a square GEMM on this device now (best of `rounds`): the MFU denominator. `c2w perf`
-    measures it again in every timed round, so that MFU compares with what the GEMM reached under the
-    same load (other jobs may share the CPU)."""
+    """FLOP/s of a square GEMM on this device now (best of `rounds`, and of the kernels at hand): the MFU
+    denominator. `c2w perf` measures it again in every timed round, so that MFU compares with what the
+    GEMM reached under the same load (other jobs may share the CPU). In fp32 on the CPU the kernels are
+    MKL's (`a @ b`) and oneDNN's, on a dense and on a packed weight (what c2w's paths run): on the AMD
+    EPYC Zen 5 dev machine, oneDNN's reached about twice MKL's (BENCHMARKS.md, session 28)."""
     n = n or (4096 if dev.type == "cuda" else 1024)
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
+    kernels = [lambda: a @ b]
+    if dev.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        lp = torch.ops.mkldnn._linear_pointwise
+        P = torch.ops.mkldnn._reorder_linear_weight(b, n)
+        kernels += [lambda: lp(a, b, None, "none", [], ""), lambda: lp(a, P, None, "none", [], "")]
     per = 2 if dev.type == "cpu" else 20
     ts = []
     for _ in range(rounds):
-        _sync(dev)
-        t = time.perf_counter()
-        for _ in range(per):
-            a @ b
-        _sync(dev)
-        ts.append((time.perf_counter() - t) / per)
+        for k in kernels:
+            _sync(dev)
+            t = time.perf_counter()
+            for _ in range(per):
+                k()
+            _sync(dev)
+            ts.append((time.perf_counter() - t) / per)
     return 2 * n ** 3 / min(ts)
 
 

@@ -157,10 +157,14 @@ def test_c2w_writes_under_bf16_autocast_and_sleeps_in_fp32_unless_asked(tiny, mo
     assert llama._LOWP is None and llama._SCRATCH is None  # step_cache lives only while a write loop runs
 
 
-def test_fp32_writes_reuse_the_loss_scratch_across_steps(tiny, monkeypatch):
+@pytest.mark.parametrize("dnn", [False, True])
+def test_fp32_writes_reuse_the_loss_scratch_across_steps(tiny, monkeypatch, dnn):
     """The write loop holds step_cache() in fp32 too: the loss's [N, V] buffers are kept between
-    steps (the same bytes come back at the next step), and nothing is kept after the loop."""
+    steps (the same bytes come back at the next step), and nothing is kept after the loop. (With
+    oneDNN's products, fp32's default, the logits come fresh from oneDNN: one buffer a chunk is kept.)"""
     from c2w.fast import llama
+
+    monkeypatch.setattr(llama, "DNN", dnn)
 
     seen = []  # (kept?, address) of every scratch buffer handed out
     real = llama._scratch
@@ -176,7 +180,7 @@ def test_fp32_writes_reuse_the_loss_scratch_across_steps(tiny, monkeypatch):
     learner.observe(0, [Observation("a", 0, "Mira Talvik was born in Oskeln.")])
     learner.end_episode(0)  # the sleep's replay: a write loop of several steps
     kept = [ptr for on, ptr in seen if on]
-    assert learner.cost.train_steps >= 2 and len(kept) >= 2 * learner.cost.train_steps
+    assert learner.cost.train_steps >= 2 and len(kept) >= (1 if dnn else 2) * learner.cost.train_steps
     assert len(set(kept)) < len(kept)  # the same buffers again
     assert llama._SCRATCH is None
 

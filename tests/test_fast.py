@@ -183,11 +183,13 @@ def _plain_ce(h, W, t, denom, chunk, wt):
 
 @pytest.mark.parametrize("case", ["fp32", "autocast-fp32-h", "autocast-bf16-h"])
 @pytest.mark.parametrize("cached", [False, True])
-def test_linear_ce_is_the_plain_ops_bit_for_bit(case, cached):
+def test_linear_ce_is_the_plain_ops_bit_for_bit(case, cached, monkeypatch):
     """The loss's ops, written into kept scratch buffers inside step_cache(), give the plain ops'
     loss and gradients bit for bit: fp32, and under CPU bf16 autocast with fp32 or bf16 hidden
     states; weighted, in uneven chunks, for h and a trainable W; a second call (reusing the buffers,
-    and a smaller last chunk) too; nothing is kept after the block."""
+    and a smaller last chunk) too; nothing is kept after the block. (With MKL's products: oneDNN's,
+    which fp32 takes by default, are held to fp32 rounding in the next test.)"""
+    monkeypatch.setattr(llama, "DNN", False)
     g = torch.Generator().manual_seed(0)
     N, d, V = 23, 16, 300
     h0 = torch.randn(N, d, generator=g).to(torch.bfloat16 if case == "autocast-bf16-h" else torch.float32)
@@ -206,6 +208,82 @@ def test_linear_ce_is_the_plain_ops_bit_for_bit(case, cached):
             assert torch.equal(h.grad, dh_ref) and torch.equal(W.grad, dW_ref)
         assert (llama._SCRATCH is not None and set(llama._SCRATCH) == {"z", "t"}) == cached
     assert llama._SCRATCH is None
+
+
+def test_linear_ce_through_onednn_is_the_plain_ops_within_rounding(monkeypatch):
+    """In fp32 on the CPU the loss's two products run through oneDNN: the plain ops' loss and gradients
+    within fp32 rounding, and oneDNN is really what ran (forward logits and dh, chunk by chunk)."""
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 23, 16, 300
+    h0, W0 = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g) * 0.3
+    t, wt = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g)
+    calls = []
+    lp = llama._lp
+    monkeypatch.setattr(llama, "_lp", lambda *a: calls.append(1) or lp(*a))
+    loss_ref, dh_ref, _ = _plain_ce(h0, W0, t, 7.0, 10, wt)
+    h = h0.clone().requires_grad_()
+    loss = llama.linear_ce(h, llama.Lin(W0, None, None, None), t, 7.0, chunk=10, weight=wt)
+    loss.backward()
+    assert len(calls) == 6  # 3 chunks x (logits, dh)
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    assert torch.allclose(h.grad, dh_ref, rtol=1e-5, atol=1e-6 * dh_ref.abs().max())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_is_f_linear_forward_and_backward(bias, monkeypatch):
+    """llama.linear (oneDNN for fp32 CPU tensors) gives F.linear's output and gradients for x, W and b
+    within fp32 rounding, on 3-D inputs; without a gradient it calls oneDNN once and keeps no graph;
+    under autocast it is F.linear's bf16 product."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x0, W0 = torch.randn(3, 37, 64, generator=g), torch.randn(96, 64, generator=g) * 0.1
+    b0 = torch.randn(96, generator=g) if bias else None
+    gy = torch.randn(3, 37, 96, generator=g)
+    calls = []
+    lp = llama._lp
+    monkeypatch.setattr(llama, "_lp", lambda *a: calls.append(1) or lp(*a))
+    outs = []
+    for fn in (llama.linear, F.linear):
+        x, W = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        y = fn(x, W, b)
+        y.backward(gy)
+        outs.append([y.detach(), x.grad, W.grad] + ([b.grad] if bias else []))
+    assert len(calls) == 3  # forward, dx, dW
+    for a, r in zip(*outs):
+        assert a.shape == r.shape and torch.allclose(a, r, rtol=1e-5, atol=1e-5 * r.abs().max())
+    with torch.inference_mode():
+        y = llama.linear(x0, W0, b0)
+    assert len(calls) == 4 and torch.allclose(y, outs[1][0], rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = llama.linear(x0, W0, b0)
+    assert len(calls) == 4 and y.dtype == torch.bfloat16
+
+
+def test_fp32_write_step_runs_through_onednn_and_matches_mkl(models, tiny, monkeypatch):
+    """The fp32 write step's frozen products (blocks and head, forward and backward) run through
+    oneDNN, with MKL's loss and LoRA gradients to the module's tolerances."""
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    m = copy.deepcopy(models["lora"])
+    params = [p for p in m.parameters() if p.requires_grad]
+    calls = []
+    lp = llama._lp
+    monkeypatch.setattr(llama, "_lp", lambda *a: calls.append(1) or lp(*a))
+
+    def run():
+        loss = lm_loss(m, ids, att, att.bool())
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    got, g = run()
+    n_layers = len(m.get_base_model().model.layers)
+    # each block's 4 products and the head, forward and dx (but the first q/k/v's: its input needs none)
+    assert len(calls) == 2 * (4 * n_layers + 1) - 1
+    monkeypatch.setattr(llama, "DNN", False)
+    calls.clear()
+    ref, gref = run()
+    assert not calls and abs(got - ref) <= LOSS_TOL
+    assert all((a - b).abs().max() <= GRAD_RTOL * b.abs().max() for a, b in zip(g, gref))
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -26,6 +26,55 @@ import torch
 import torch.nn.functional as F
 
 
+# fp32 CPU products with a dense weight run through oneDNN (`torch.ops.mkldnn._linear_pointwise`) rather
+# than MKL, whose fp32 GEMM took about half of oneDNN's throughput on the model's shapes on an AMD EPYC Zen 5
+# (MKL 126-191 GFLOP/s, oneDNN 206-441; BENCHMARKS.md, session 28), forward and backward alike (the
+# backward's dx reads W's transpose as a view: no copy, no packing, nothing kept). The products differ from
+# MKL's in the last bits. DNN = False restores the MKL products (the bit-for-bit tests of the loss use it)
+DNN = True
+
+
+def _dnn(x: torch.Tensor, W: torch.Tensor) -> bool:
+    return (DNN and x.device.type == "cpu" and x.dtype == torch.float32 and W.dtype == torch.float32
+            and W.dim() == 2 and not torch.is_autocast_enabled("cpu")  # (autocast: F.linear's casts)
+            and torch.backends.mkldnn.is_available())
+
+
+def _lp(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, W, b, "none", [], "")
+
+
+class _DnnLinear(torch.autograd.Function):
+    """F.linear(x, W, b) through oneDNN, with its gradients (dx = dy W, dW = dy^T x) through it too."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, W)
+        return _lp(x, W, b)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W = ctx.saved_tensors
+        g = gy.reshape(-1, gy.shape[-1])  # [N, out]
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _lp(g, W.t()).view(*gy.shape[:-1], W.shape[1])
+        if ctx.needs_input_grad[1]:
+            gW = _lp(g.t(), x.reshape(-1, x.shape[-1]).t())  # [out, in]
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gW, gb
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, b), through oneDNN where `_dnn` applies (with autograd where a gradient is recorded)."""
+    if not _dnn(x, W) or b is not None and b.dtype != torch.float32:
+        return F.linear(x, W, b)
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or b is not None and b.requires_grad):
+        return _DnnLinear.apply(x, W, b)
+    return _lp(x, W, b)
+
+
 @dataclass
 class Lin:
     """One (possibly fused) projection: y = x W^T (+ b) (+ (x A^T) B^T)."""
@@ -55,7 +104,7 @@ class Lin:
                         y2[:, r0:r1].addmm_(xa[:, c0:c1], self.B[r0:r1, c0:c1].t())
                 return y
             W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
-        y = F.linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
+        y = linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
         if self.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
             # so the casts it would make (to y's dtype) are spelled out
@@ -870,7 +919,8 @@ class _LinearCE(torch.autograd.Function):
     The ops are those of `(h @ W.t()).float()`, `torch.logsumexp` and the cast of the gradient to
     h's dtype, bit for bit (under CPU autocast too), written into two `_scratch` slots: "z", the fp32
     logits then probabilities, and "t", which holds in turn the low-precision logits, logsumexp's
-    exp(z - max) and the gradient in the matmul's dtype."""
+    exp(z - max) and the gradient in the matmul's dtype. In fp32 on the CPU the two products run
+    through oneDNN (`DNN`), and the logits are a fresh tensor instead of "z"."""
 
     @staticmethod
     def forward(ctx, h, W, t, denom, chunk: int, wt=None):
@@ -887,7 +937,10 @@ class _LinearCE(torch.autograd.Function):
             for i in range(0, h.shape[0], chunk):
                 hc, tc = h[i:i + chunk], t[i:i + chunk]
                 n = hc.shape[0]
-                zl = torch.mm(hc.to(mm), Wm.t(), out=_scratch("z" if mm == f32 else "t", (n, V), mm, h.device))
+                if _dnn(hc, Wm):  # oneDNN (fp32 CPU): no `out=`, so a fresh [n, V]
+                    zl = _lp(hc, Wm)
+                else:
+                    zl = torch.mm(hc.to(mm), Wm.t(), out=_scratch("z" if mm == f32 else "t", (n, V), mm, h.device))
                 z = zl if mm == f32 else _scratch("z", (n, V), f32, h.device).copy_(zl)
                 mx = z.amax(-1, keepdim=True)  # torch.logsumexp, step by step
                 mx.masked_fill_(mx.abs() == float("inf"), 0)
@@ -905,7 +958,7 @@ class _LinearCE(torch.autograd.Function):
                         gm = g
                         if g.dtype != mm:  # as autocast casts it; into "t" unless g already lives there
                             gm = _scratch("t", (n, V), mm, h.device).copy_(g) if g.dtype == f32 else g.to(mm)
-                        dh[i:i + chunk] = gm @ Wm
+                        dh[i:i + chunk] = _lp(gm, Wm.t()) if _dnn(gm, Wm) else gm @ Wm
                     if need_w:
                         dW.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(dh, dW.to(W.dtype) if dW is not None else None)
