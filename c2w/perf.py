@@ -21,7 +21,8 @@ identical greedy tokens), peak memory (CUDA: allocator peak; CPU: peak RSS growt
 sampled every 2 ms after malloc_trim), and MFU: the task's model FLOPs (write: 4 x params + 6 x LoRA
 params per real token; inference: 2 x params per prompt, answer and generated token, counted once,
 the same numerator for both paths) over the time, against the square-GEMM throughput measured in the
-same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number),
+same process (the fraction of what this machine's GEMM reaches right now, not of a datasheet number;
+in fp32 on the CPU the best of MKL's and oneDNN's kernels),
 in the dtype the path's matmuls run in (on the CPU, a path under bf16 autocast or with bf16 weights
 is held against the bf16 GEMM, which runs about twice as fast here as fp32's). With --profile, each
 path's step also runs under torch.profiler after the timed rounds (c2w.perf_profile: its time by kind).

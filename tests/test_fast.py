@@ -232,8 +232,9 @@ def test_linear_ce_through_onednn_is_the_plain_ops_within_rounding(monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_is_f_linear_forward_and_backward(bias, monkeypatch):
     """llama.linear (oneDNN for fp32 CPU tensors) gives F.linear's output and gradients for x, W and b
-    within fp32 rounding, on 3-D inputs; without a gradient it calls oneDNN once and keeps no graph;
-    under autocast it is F.linear's bf16 product."""
+    within fp32 rounding, on 3-D inputs, and for W alone (x needing none); under inference mode it calls
+    oneDNN once; under autocast, while compiling, and for an empty input it is F.linear's product; a
+    backward that records a graph gives second derivatives."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -253,12 +254,28 @@ def test_onednn_linear_is_f_linear_forward_and_backward(bias, monkeypatch):
     assert len(calls) == 3  # forward, dx, dW
     for a, r in zip(*outs):
         assert a.shape == r.shape and torch.allclose(a, r, rtol=1e-5, atol=1e-5 * r.abs().max())
+    W = W0.clone().requires_grad_()  # only W trains (x is frozen)
+    llama.linear(x0, W, b0).backward(gy)
+    assert len(calls) == 5 and torch.allclose(W.grad, outs[1][2], rtol=1e-5, atol=1e-5 * outs[1][2].abs().max())
     with torch.inference_mode():
         y = llama.linear(x0, W0, b0)
-    assert len(calls) == 4 and torch.allclose(y, outs[1][0], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6 and torch.allclose(y, outs[1][0], rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = llama.linear(x0, W0, b0)
-    assert len(calls) == 4 and y.dtype == torch.bfloat16
+    assert len(calls) == 6 and y.dtype == torch.bfloat16
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)  # (Inductor cannot lower the op)
+        llama.linear(x0, W0, b0)
+    W = W0.clone().requires_grad_()
+    assert llama.linear(x0[:, :0], W).shape == (3, 0, 96) and len(calls) == 6
+    assert llama.linear(x0, W0, b0) is not None and len(calls) == 7  # (the spy still counts)
+    x = x0.clone().requires_grad_()  # second derivatives: d/dW of |dL/dx|^2
+    gx, = torch.autograd.grad((llama.linear(x, W) * gy).sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    x2, W2 = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+    gx2, = torch.autograd.grad((F.linear(x2, W2) * gy).sum(), x2, create_graph=True)
+    gx2.square().sum().backward()
+    assert torch.allclose(W.grad, W2.grad, rtol=1e-4, atol=1e-4 * W2.grad.abs().max()) and W2.grad.abs().max() > 0
 
 
 def test_fp32_write_step_runs_through_onednn_and_matches_mkl(models, tiny, monkeypatch):
@@ -599,10 +616,12 @@ def test_fp32_inference_plans_prepack_and_score_within_rounding_of_mkl(models, t
     real_packed = llama.packed
     monkeypatch.setattr(llama, "packed", lambda W: calls.append(W.shape) or real_packed(W))
     monkeypatch.setattr(llama, "PACK", False)
+    monkeypatch.setattr(llama, "DNN", False)  # MKL's products, the reference
     ref_ids, ref = run()
     ref16 = run(torch.bfloat16)
     assert llama.plan(m, fold=True).layers[0].qkv.P is None
     monkeypatch.setattr(llama, "PACK", True)
+    monkeypatch.setattr(llama, "DNN", True)
     c = llama.plan(m, dtype=torch.bfloat16)
     assert all(lin.P is None for L in c.layers for lin in (L.qkv, L.o, L.gu, L.down)) and c.head.P is None
     assert run(torch.bfloat16) == ref16

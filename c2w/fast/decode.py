@@ -23,7 +23,8 @@ DRAFT = True  # decode_and_logprobs: the answer serves as greedy's draft (exact:
 # where every matmul involved has at least this many rows. On the dev machine's CPU, fp32 matmul rows
 # come out bit for bit the same whatever the other rows from 12 rows up (MKL, F.linear: below, 1-3 rows
 # on 1 thread, and any count not a multiple of 4 under 12 on 2, differ in the last bits; the packed oneDNN
-# products of fp32 inference plans, llama.PACK, differed only at 1 row): so the evaluator's numbers stay exactly
+# products of fp32 inference plans, llama.PACK, differed only at 1 row, and session 28's dense oneDNN
+# products, llama.DNN, at none from 2 rows up): so the evaluator's numbers stay exactly
 # as they are with and without the saving there (elsewhere: within fp32 rounding)
 EXACT_ROWS = 16
 

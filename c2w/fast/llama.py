@@ -36,7 +36,9 @@ DNN = True
 
 def _dnn(x: torch.Tensor, W: torch.Tensor) -> bool:
     return (DNN and x.device.type == "cpu" and x.dtype == torch.float32 and W.dtype == torch.float32
-            and W.dim() == 2 and not torch.is_autocast_enabled("cpu")  # (autocast: F.linear's casts)
+            and W.dim() == 2 and x.numel() > 0 and W.shape[1] > 0  # (oneDNN has no empty products)
+            and not torch.is_autocast_enabled("cpu")  # (autocast: F.linear's casts)
+            and not torch.compiler.is_compiling()  # (Inductor lowers this op only for constant weights)
             and torch.backends.mkldnn.is_available())
 
 
@@ -45,7 +47,9 @@ def _lp(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torc
 
 
 class _DnnLinear(torch.autograd.Function):
-    """F.linear(x, W, b) through oneDNN, with its gradients (dx = dy W, dW = dy^T x) through it too."""
+    """F.linear(x, W, b) through oneDNN, with its gradients (dx = dy W, dW = dy^T x) through it too;
+    a backward that records a graph (create_graph=True: second derivatives) takes torch's own
+    products, which oneDNN's op has no derivative for."""
 
     @staticmethod
     def forward(ctx, x, W, b):
@@ -56,11 +60,12 @@ class _DnnLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, W = ctx.saved_tensors
         g = gy.reshape(-1, gy.shape[-1])  # [N, out]
+        mm = (lambda a, b: a @ b.t()) if torch.is_grad_enabled() else _lp
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _lp(g, W.t()).view(*gy.shape[:-1], W.shape[1])
+            gx = mm(g, W.t()).view(*gy.shape[:-1], W.shape[1])
         if ctx.needs_input_grad[1]:
-            gW = _lp(g.t(), x.reshape(-1, x.shape[-1]).t())  # [out, in]
+            gW = mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # [out, in]
         if ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gW, gb
@@ -68,7 +73,7 @@ class _DnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, b), through oneDNN where `_dnn` applies (with autograd where a gradient is recorded)."""
-    if not _dnn(x, W) or b is not None and b.dtype != torch.float32:
+    if not _dnn(x, W) or b is not None and (b.dtype != torch.float32 or b.shape != W.shape[:1]):
         return F.linear(x, W, b)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or b is not None and b.requires_grad):
         return _DnnLinear.apply(x, W, b)
@@ -154,7 +159,8 @@ class Unsupported(Exception):
 
 # fp32 inference plans on the CPU (folded, or a model without adapters: the evaluator's scoring) hold their
 # weights prepacked for oneDNN, whose fp32 kernels `torch.ops.mkldnn._linear_pointwise` runs instead of the
-# MKL ones F.linear takes: 19-23% off an fp32 scoring call of 32 probes on the dev machine (AMD EPYC); a copy
+# MKL ones F.linear took (before session 28's `DNN`, which runs dense weights through oneDNN too): 19-23% off
+# an fp32 scoring call of 32 probes on the Zen 4 dev machine of session 26; a copy
 # made for the plan alone (a fold, a concatenation) keeps only its packed form, which took another 8% off
 # (its memory goes back at once; BENCHMARKS.md, session 26). The products differ from MKL's in the last
 # bits (log-probs by about 1e-6). The packed weights are a snapshot taken when the plan is built (as folds
@@ -919,8 +925,8 @@ class _LinearCE(torch.autograd.Function):
     The ops are those of `(h @ W.t()).float()`, `torch.logsumexp` and the cast of the gradient to
     h's dtype, bit for bit (under CPU autocast too), written into two `_scratch` slots: "z", the fp32
     logits then probabilities, and "t", which holds in turn the low-precision logits, logsumexp's
-    exp(z - max) and the gradient in the matmul's dtype. In fp32 on the CPU the two products run
-    through oneDNN (`DNN`), and the logits are a fresh tensor instead of "z"."""
+    exp(z - max) and the gradient in the matmul's dtype. Where h, W and the products are fp32 on the
+    CPU, the two products run through oneDNN (`DNN`), and the logits are a fresh tensor instead of "z"."""
 
     @staticmethod
     def forward(ctx, h, W, t, denom, chunk: int, wt=None):
