@@ -95,10 +95,11 @@ def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None, rou
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     kernels = [lambda: a @ b]
-    if dev.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        lp = torch.ops.mkldnn._linear_pointwise
+    from c2w.fast import llama
+
+    if llama._onednn_fp32(b):  # (packed with this product's row count as oneDNN's hint)
         P = torch.ops.mkldnn._reorder_linear_weight(b, n)
-        kernels += [lambda: lp(a, b, None, "none", [], ""), lambda: lp(a, P, None, "none", [], "")]
+        kernels += [lambda: llama._lp(a, b), lambda: llama._lp(a, P)]
     per = 2 if dev.type == "cpu" else 20
     ts = []
     for _ in range(rounds):

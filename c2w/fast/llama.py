@@ -34,12 +34,17 @@ import torch.nn.functional as F
 DNN = True
 
 
-def _dnn(x: torch.Tensor, W: torch.Tensor) -> bool:
-    return (DNN and x.device.type == "cpu" and x.dtype == torch.float32 and W.dtype == torch.float32
-            and W.dim() == 2 and x.numel() > 0 and W.shape[1] > 0  # (oneDNN has no empty products)
-            and not torch.is_autocast_enabled("cpu")  # (autocast: F.linear's casts)
-            and not torch.compiler.is_compiling()  # (Inductor lowers this op only for constant weights)
+def _onednn_fp32(W: torch.Tensor) -> bool:
+    """Whether W is an fp32 CPU matrix that oneDNN's fp32 products can read (`_dnn`, `_packable`)."""
+    return (W.device.type == "cpu" and W.dtype == torch.float32 and W.dim() == 2
             and torch.backends.mkldnn.is_available())
+
+
+def _dnn(x: torch.Tensor, W: torch.Tensor) -> bool:
+    return (DNN and _onednn_fp32(W) and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() > 0 and W.shape[1] > 0  # (oneDNN has no empty products)
+            and not torch.is_autocast_enabled("cpu")  # (autocast: F.linear's casts)
+            and not torch.compiler.is_compiling())  # (Inductor lowers this op only for constant weights)
 
 
 def _lp(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +105,7 @@ class Lin:
         if self.P is not None:
             if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (
                     x.requires_grad or W.requires_grad or self.A is not None and (self.A.requires_grad or self.B.requires_grad))):
-                y = torch.ops.mkldnn._linear_pointwise(x, self.P, self.b, "none", [], "")
+                y = _lp(x, self.P, self.b)
                 if self.A is not None:  # an inference plan's unfolded adapters (`keep_packed`)
                     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
                     xa = x2 @ self.A.t()  # [N, R]
@@ -171,8 +176,7 @@ PACK_ROWS = 32  # oneDNN's hint of the row count the packed weight will meet (an
 
 
 def _packable(W: torch.Tensor) -> bool:
-    return (PACK and W.device.type == "cpu" and W.dtype == torch.float32 and W.dim() == 2
-            and torch.backends.mkldnn.is_available())
+    return PACK and _onednn_fp32(W)
 
 
 def packed(W: torch.Tensor) -> torch.Tensor | None:
@@ -940,10 +944,11 @@ class _LinearCE(torch.autograd.Function):
         f32, V = torch.float32, W.shape[0]
         with torch.autocast(dev, enabled=False):
             Wm = W.to(mm)
+            dnn = _dnn(h, Wm)  # both products through oneDNN (h and Wm fp32 on the CPU), or neither
             for i in range(0, h.shape[0], chunk):
                 hc, tc = h[i:i + chunk], t[i:i + chunk]
                 n = hc.shape[0]
-                if _dnn(hc, Wm):  # oneDNN (fp32 CPU): no `out=`, so a fresh [n, V]
+                if dnn:  # no `out=`, so a fresh [n, V]
                     zl = _lp(hc, Wm)
                 else:
                     zl = torch.mm(hc.to(mm), Wm.t(), out=_scratch("z" if mm == f32 else "t", (n, V), mm, h.device))
@@ -964,7 +969,7 @@ class _LinearCE(torch.autograd.Function):
                         gm = g
                         if g.dtype != mm:  # as autocast casts it; into "t" unless g already lives there
                             gm = _scratch("t", (n, V), mm, h.device).copy_(g) if g.dtype == f32 else g.to(mm)
-                        dh[i:i + chunk] = _lp(gm, Wm.t()) if _dnn(gm, Wm) else gm @ Wm
+                        dh[i:i + chunk] = _lp(gm, Wm.t()) if dnn else gm @ Wm
                     if need_w:
                         dW.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(dh, dW.to(W.dtype) if dW is not None else None)
