@@ -294,8 +294,9 @@ def test_fp32_write_step_runs_through_onednn_and_matches_mkl(models, tiny, monke
 
     got, g = run()
     n_layers = len(m.get_base_model().model.layers)
-    # each block's 4 products and the head, forward and dx (but the first q/k/v's: its input needs none)
-    assert len(calls) == 2 * (4 * n_layers + 1) - 1
+    # each block's 4 products and the head, forward and dx (but the first q/k/v's: its input needs none),
+    # and each group's x A^T (`_LoraLinear`)
+    assert len(calls) == 2 * (4 * n_layers + 1) - 1 + 4 * n_layers
     monkeypatch.setattr(llama, "DNN", False)
     calls.clear()
     ref, gref = run()
@@ -959,3 +960,114 @@ def test_scoring_skips_pad_slots(models, tiny, fold, monkeypatch):
         got[rows] = decode_and_logprobs(m, tok, PROMPTS, answers, [5] * len(PROMPTS), batch_size=8)
     assert got[0][0] == got[10 ** 9][0]
     assert max(abs(a - b) for a, b in zip(got[0][1], got[10 ** 9][1])) <= 1e-5
+
+
+def _adapter_lin(g, x_grad=True, frozen_first=False):
+    """A q/k/v-like Lin: rows 0:6, 6:8, 8:10 of a frozen W [10, 5]; module 0 with two adapters (ranks 2
+    and 3), module 2 with one (rank 2), module 1 none; frozen_first: module 0's first adapter takes no
+    gradient (a frozen slow adapter beside the trained one), and module 2's A none (its B one)."""
+    W = torch.randn(10, 5, generator=g)
+    ad = [(0, 6, 2, 2.0), (0, 6, 3, 0.5), (8, 10, 2, 4.0)]
+    loras = tuple((r0, r1, torch.randn(r, 5, generator=g).requires_grad_(not (frozen_first and i != 1)),
+                   torch.randn(r1 - r0, r, generator=g).requires_grad_(not (frozen_first and i == 0)), s)
+                  for i, (r0, r1, r, s) in enumerate(ad))
+    x = torch.randn(12, 5, generator=g).requires_grad_(x_grad)  # [N, in]: plans' rows are flat
+    return W, loras, x
+
+
+def _stacked_of(W, loras):
+    """The same group through `_stacked` (A stacked, B block-structured), as a plan builds it."""
+    mods = [(W[0:6], None, [(A, B, s) for r0, _, A, B, s in loras if r0 == 0]), (W[6:8], None, []),
+            (W[8:10], None, [(A, B, s) for r0, _, A, B, s in loras if r0 == 8])]
+    return llama._stacked(mods, torch.float32, W)
+
+
+@pytest.mark.parametrize("x_grad,frozen_first", [(True, False), (False, False), (True, True)])
+def test_fused_lora_is_the_stacked_product_and_its_gradients(x_grad, frozen_first, monkeypatch):
+    """fp32 CPU training runs a group's adapters through `_LoraLinear` (each adapter on its own module's
+    rows): the stacked form's output and gradients (x, every A and B) within fp32 rounding, none for what
+    takes none; the stacked form itself where a gradient cannot be handed out by hand or is not wanted."""
+    W, loras, x = _adapter_lin(torch.Generator().manual_seed(0), x_grad, frozen_first)
+    lin = _stacked_of(W, loras)
+    assert lin.loras is not None and [lo[:2] for lo in lin.loras] == [(0, 6), (0, 6), (8, 10)]
+    ran, handed = [], []
+    fwd, bwd = llama._LoraLinear.forward, llama._LoraLinear.backward
+    monkeypatch.setattr(llama._LoraLinear, "forward", staticmethod(lambda *a: ran.append(1) or fwd(*a)))
+    monkeypatch.setattr(llama._LoraLinear, "backward", staticmethod(lambda *a: handed.append(bwd(*a)) or handed[-1]))
+    gy = torch.randn(12, 10, generator=torch.Generator().manual_seed(1))
+    params = ([x] if x_grad else []) + [t for *_, A, B, _ in loras for t in (A, B) if t.requires_grad]
+    got = lin(x)
+    assert ran == [1]
+    g_got = torch.autograd.grad(got, params, gy)
+    wanted = [x.requires_grad, False, False, False] + [t.requires_grad for *_, A, B, _ in loras for t in (A, B)]
+    assert [t is not None for t in handed[0]] == wanted  # a gradient exactly for what takes one
+    monkeypatch.setattr(llama, "FUSED_LORA", False)
+    ref = lin(x)
+    g_ref = torch.autograd.grad(ref, params, gy)
+    assert ran == [1] and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(g_got, g_ref))
+    assert all(a.shape == b.shape for a, b in zip(g_got, params))
+    monkeypatch.setattr(llama, "FUSED_LORA", True)
+    with torch.no_grad():  # nothing to differentiate: the stacked form
+        assert (lin(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts: the stacked form
+        lin(x)
+    W.requires_grad_()  # a trained base weight (no dW by hand): the stacked form
+    _stacked_of(W, loras)(x).sum().backward()
+    assert ran == [1] and W.grad is not None
+
+
+def test_fp32_lora_write_step_runs_fused_and_matches_the_stacked_form(models, tiny, monkeypatch):
+    """Through a PEFT model with two active adapters, fp32 on the CPU: every group of every layer runs
+    `_LoraLinear`, with the stacked form's loss and gradients."""
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    m = copy.deepcopy(models["two-adapters"])
+    params = [p for p in m.parameters() if p.requires_grad]
+    ran = []
+    fwd = llama._LoraLinear.forward
+    monkeypatch.setattr(llama._LoraLinear, "forward", staticmethod(lambda *a: ran.append(1) or fwd(*a)))
+
+    def run():
+        loss = lm_loss(m, ids, att, att.bool())
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    got, g = run()
+    assert len(ran) == 4 * len(m.get_base_model().model.layers)
+    monkeypatch.setattr(llama, "FUSED_LORA", False)
+    ref, gref = run()
+    assert len(ran) == 4 * len(m.get_base_model().model.layers) and abs(got - ref) <= LOSS_TOL
+    assert all((a - b).abs().max() <= GRAD_RTOL * b.abs().max() for a, b in zip(g, gref))
+
+
+def test_hand_written_backward_of_rms_and_rope(monkeypatch):
+    """RMS norm and rotary embedding with their backward by hand (CPU training): the forward bit for bit
+    the ops they replace, the gradients (x, and the norm's weight) autograd's within fp32 rounding; the
+    plain ops where nothing needs a gradient or autocast is on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, generator=g).requires_grad_()
+    w = torch.randn(8, generator=g).requires_grad_()
+    cos, sin = torch.randn(1, 1, 7, 8, generator=g), torch.randn(1, 1, 7, 8, generator=g)
+    gy = torch.randn(2, 3, 7, 8, generator=g)
+    ran = []
+    for name in ("_RMSNorm", "_Rope"):
+        f = getattr(llama, name).forward
+        monkeypatch.setattr(getattr(llama, name), "forward", staticmethod(lambda *a, f=f, n=name: ran.append(n) or f(*a)))
+    got = [llama.rms(x, w, 1e-6), llama.rope(x, cos, sin)]
+    assert ran == ["_RMSNorm", "_Rope"]
+    g_got = [torch.autograd.grad(y, (x, w), gy, allow_unused=True) for y in got]
+    monkeypatch.setattr(llama, "HAND_BACKWARD", False)
+    ref = [llama.rms(x, w, 1e-6), llama.rope(x, cos, sin)]
+    g_ref = [torch.autograd.grad(y, (x, w), gy, allow_unused=True) for y in ref]
+    h = x.shape[-1] // 2  # the rotation spelled out: the forward is the same ops, bit for bit
+    assert torch.equal(ref[1], x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin)
+    assert len(ran) == 2 and all(torch.equal(a, b) for a, b in zip(got, ref))
+    for ga, gb in zip(g_got, g_ref):
+        for a, b in zip(ga, gb):
+            assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-5 * b.abs().max())
+    monkeypatch.setattr(llama, "HAND_BACKWARD", True)
+    with torch.no_grad():
+        llama.rms(x, w, 1e-6), llama.rope(x, cos, sin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        llama.rms(x, w, 1e-6), llama.rope(x, cos, sin)
+    llama.rms(x.detach(), w.detach(), 1e-6), llama.rope(x.detach(), cos, sin)
+    assert len(ran) == 2

@@ -3,7 +3,8 @@
 Works on a plain `LlamaForCausalLM` and on a PEFT `PeftModel` with any number of active LoRA
 adapters: each projection is `x W^T + sum_i s_i (x A_i^T) B_i^T`, with the adapters stacked along the
 rank and q/k/v (and gate/up) fused into one matmul, so gradients flow to the live LoRA (or base)
-parameters through ordinary autograd. What it saves over `model(...)` + PEFT: padding (sequences are
+parameters through ordinary autograd (fp32 CPU training: through autograd Functions with hand-written
+backward passes, `_LoraLinear`, `_RMSNorm`, `_Rope`, which hand the same gradients). What it saves over `model(...)` + PEFT: padding (sequences are
 packed into rows, attention kept per sequence by a block-diagonal mask), logits at positions nobody
 reads, and the per-module Python and elementwise work (one scaling multiply and one add per LoRA
 module and direction, separate q/k/v and gate/up launches).
@@ -81,8 +82,79 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> t
     if not _dnn(x, W) or b is not None and (b.dtype != torch.float32 or b.shape != W.shape[:1]):
         return F.linear(x, W, b)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or b is not None and b.requires_grad):
-        return _DnnLinear.apply(x, W, b)
+        # on 2-D rows: a custom Function's output must not be a view (oneDNN's is, for a 3-D input), or no
+        # in-place op may follow it
+        y = _DnnLinear.apply(x.reshape(-1, x.shape[-1]), W, b)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], W.shape[0])
     return _lp(x, W, b)
+
+
+# fp32 CPU training (with oneDNN's products, `DNN`, a frozen base weight and a frozen fp32 bias, if any): a
+# group's adapters through `_LoraLinear`. False: the stacked A, B through autograd
+FUSED_LORA = True
+
+
+def _fused_lora(x: torch.Tensor, W: torch.Tensor, lin: "Lin") -> bool:
+    if not (FUSED_LORA and torch.is_grad_enabled() and _dnn(x, W)) or W.requires_grad:
+        return False
+    if lin.b is not None and (lin.b.requires_grad or lin.b.dtype != torch.float32 or lin.b.shape != W.shape[:1]):
+        return False
+    ts = [t for _, _, A, B, _ in lin.loras for t in (A, B)]
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and (x.requires_grad or any(t.requires_grad for t in ts)))
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T (+ b) + sum_k s_k (x A_k^T) B_k^T, each adapter's product added to its own module's rows
+    r0_k:r1_k of y only, fp32 on the CPU (`_fused_lora`). Against the stacked form (A_k stacked along the
+    rank, B block-structured and scaled, through autograd) it skips B's zero blocks (two thirds of q/k/v's,
+    half of gate/up's) in the forward and in both of B's gradient products, and the backward of the
+    stacking (the plan still builds the stacked A and B, which this path does not read). W is frozen (no
+    dW); the bias takes no gradient. No second derivatives (`once_differentiable`: they raise)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, rows, *ab):  # x [N, in]; ab: A_0, B_0, A_1, B_1, ...; rows: ((r0, r1, s), ...)
+        As, Bs = ab[0::2], ab[1::2]
+        A = As[0] if len(As) == 1 else torch.cat(As, 0)  # [R, in]
+        xa = _lp(x, A)  # [N, R]
+        y = _lp(x, W, b)  # [N, out]
+        c = 0
+        for (r0, r1, s), B in zip(rows, Bs):
+            r = B.shape[1]
+            y[:, r0:r1].addmm_(xa[:, c:c + r], B.t(), alpha=s)
+            c += r
+        ctx.save_for_backward(x, W, xa, A, *Bs)
+        ctx.rows = rows
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, W, xa, A, *Bs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = gy  # [N, out]
+        dxa = g.new_empty(g.shape[0], A.shape[0])  # [N, R]
+        grads = []
+        c = 0
+        for k, ((r0, r1, s), B) in enumerate(zip(ctx.rows, Bs)):
+            r = B.shape[1]
+            gk = g[:, r0:r1]
+            dxa[:, c:c + r].addmm_(gk, B, beta=0, alpha=s)
+            # dB_k [out_k, r] as (xa_k^T g_k)^T: MKL reads g's column block row by row (g_k^T xa_k took 1.7x as
+            # long at gate/up's shapes; oneDNN, with a strided g_k, 400x)
+            grads.append((xa[:, c:c + r].t() @ gk).mul_(s).t() if need[5 + 2 * k] else None)
+            c += r
+        dA = dxa.t() @ x if any(need[4::2]) else None  # [R, in]
+        out = []
+        c = 0
+        for k, B in enumerate(Bs):
+            r = B.shape[1]
+            out += [dA[c:c + r] if need[4 + 2 * k] else None, grads[k]]
+            c += r
+        gx = None
+        if need[0]:
+            gx = _lp(g, W.t()).addmm_(dxa, A)
+        return (gx, None, None, None, *out)
 
 
 @dataclass
@@ -99,6 +171,9 @@ class Lin:
     parts: tuple[tuple[int, int, int, int], ...] | None = None  # (row0, row1, col0, col1): B's nonzero
     # blocks, one per module with adapters (B is zero elsewhere; None: all of B is one block); the packed path
     # adds each block's product alone
+    loras: tuple[tuple[int, int, torch.Tensor, torch.Tensor, float], ...] | None = None  # (row0, row1, A_k,
+    # B_k, s_k) for each adapter of each module, unstacked and unscaled (the live parameters, or their casts
+    # to the plan's dtype): `_LoraLinear`
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         W = self.W
@@ -114,6 +189,10 @@ class Lin:
                         y2[:, r0:r1].addmm_(xa[:, c0:c1], self.B[r0:r1, c0:c1].t())
                 return y
             W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
+        if self.loras is not None and _fused_lora(x, W, self):
+            y = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), W, self.b, tuple((r0, r1, s) for r0, r1, _, _, s in self.loras),
+                                  *[t for _, _, A, B, _ in self.loras for t in (A, B)])  # (2-D: see `linear`)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], W.shape[0])
         y = linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
         if self.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
@@ -637,13 +716,15 @@ def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
         b = None
     else:
         b = torch.cat([bb if bb is not None else W.new_zeros(w.shape[0]) for bb, w in zip(bs, Ws)])
-    As, Bs = [], []
+    As, Bs, raw, r0 = [], [], [], 0
     for (w, _, loras) in parts:
         blocks = []
         for A, B, s in loras:
             As.append(A.to(dtype))
             blocks.append(B.to(dtype) * s)
+            raw.append((r0, r0 + w.shape[0], A.to(dtype), B.to(dtype), s))
         Bs.append((w.shape[0], blocks))
+        r0 += w.shape[0]
     if not As:
         return Lin(W, b, None, None)
     A = As[0] if len(As) == 1 else torch.cat(As, 0)
@@ -658,7 +739,7 @@ def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
             parts.append((row, row + out, col, col + r))
         col, row = col + r, row + out
     B = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
-    return Lin(W, b, A, B, parts=tuple(parts))
+    return Lin(W, b, A, B, parts=tuple(parts), loras=tuple(raw))
 
 
 def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None, tokens: int | None = None) -> Plan | None:
@@ -714,19 +795,84 @@ def _plan(model, fold: bool = False, cast: torch.dtype | None = None, tokens: in
 # building blocks
 
 
+# CPU training: RMS norms and rotary embeddings (`rms`, `rope`) take a backward written by hand, a few passes
+# over memory where autograd's derivative of F.rms_norm (pow, mean, rsqrt, two products) and of rope's
+# cat / neg / slices took a dozen; their forward ops are unchanged (bit for bit)
+HAND_BACKWARD = True
+
+
+_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")  # (torch >= 2.9)
+
+
+def _hand(x: torch.Tensor, *ts: torch.Tensor) -> bool:
+    return (HAND_BACKWARD and torch.is_grad_enabled() and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and any(t.requires_grad for t in (x, *ts)))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """F.rms_norm(x, (d,), w, eps) (fp32): the forward is the op F.rms_norm calls (aten::_fused_rms_norm),
+    which also hands out 1 / rms [..., 1] for the backward. dx = r (g w - x r^2 mean(g w x)). No second
+    derivatives (`once_differentiable`: they raise)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        y, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, w, r = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gw = g * w
+            c = (gw * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(x.shape[-1])  # [..., 1]
+            dx = gw * r - x * c
+        if ctx.needs_input_grad[1]:
+            dw = (g * x * r).reshape(-1, x.shape[-1]).sum(0)
+        return dx, dw, None
+
+
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
+        if _FUSED_RMS and w.dtype == torch.float32 and _hand(x, w):
+            return _RMSNorm.apply(x, w, eps)
         return F.rms_norm(x, (x.shape[-1],), w, eps)
     # HF: normalise in fp32, cast back, then scale in the model dtype.
     return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # under autocast x is bf16 and cos fp32: cast x once here, not in each multiply (and their gradients)
-    x = x.to(torch.promote_types(x.dtype, cos.dtype))
+class _Rope(torch.autograd.Function):
+    """`rope` with its backward by hand: dx = g cos - rot(g sin), since rot's transpose is -rot (for an
+    even last dimension)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        gs = g * sin
+        h = g.shape[-1] // 2
+        return g * cos + torch.cat((gs[..., h:], -gs[..., :h]), -1), None, None
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     rot = torch.cat((-x[..., h:], x[..., :h]), -1)
     return x * cos + rot * sin
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # under autocast x is bf16 and cos fp32: cast x once here, not in each multiply (and their gradients)
+    x = x.to(torch.promote_types(x.dtype, cos.dtype))
+    if (_hand(x, cos, sin) and not (cos.requires_grad or sin.requires_grad) and x.dtype == cos.dtype == sin.dtype
+            and x.shape[-1] % 2 == 0):
+        return _Rope.apply(x, cos, sin)
+    return _rope(x, cos, sin)
 
 
 def embed(p: Plan, ids: torch.Tensor) -> torch.Tensor:
