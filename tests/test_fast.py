@@ -528,7 +528,7 @@ def test_fp32_fold_is_one_addmm_per_group_bit_for_bit(tiny):
     u, f, c = llama.plan(m), llama.plan(m, fold=True), llama.plan(m, dtype=torch.bfloat16)
     for a, b, lc in zip(u.layers, f.layers, c.layers):
         for name in ("qkv", "o", "gu", "down"):
-            lu = getattr(a, name)
+            lu = getattr(a, name).stacked()  # (a plan built with grad on stacks its adapters on use)
             assert torch.equal(llama.dense(getattr(b, name).W), torch.addmm(lu.W, lu.B, lu.A))
             assert torch.equal(getattr(lc, name).W, torch.addmm(lu.W, lu.B, lu.A).bfloat16())  # then one cast
 
@@ -1071,3 +1071,85 @@ def test_hand_written_backward_of_rms_and_rope(monkeypatch):
         llama.rms(x, w, 1e-6), llama.rope(x, cos, sin)
     llama.rms(x.detach(), w.detach(), 1e-6), llama.rope(x.detach(), cos, sin)
     assert len(ran) == 2
+
+
+def test_training_plans_stack_adapters_only_on_use(tiny):
+    """An fp32 CPU plan built with gradients on leaves each group's stacked A / B unbuilt (`_LoraLinear`
+    reads the adapters unstacked); `stacked()` builds them exactly as an inference plan does: A the
+    adapters' A stacked along the rank, B each module's rows holding its adapters' scaled B in their
+    rank columns, zero elsewhere. A path that needs them (here autocast) builds them on use."""
+    m = _lora(tiny.model, ("fast", "slow"), r=4)
+    for n, p in m.named_parameters():
+        p.requires_grad_(".fast." in n)
+    lazy = llama.plan(m)
+    with torch.no_grad():
+        eager = llama.plan(m)
+    assert lazy.has_lora and all(getattr(L, g).A is None and getattr(L, g).adapted
+                                 for L in lazy.layers for g in ("qkv", "o", "gu", "down"))
+    blk = m.get_base_model().model.layers[0]
+    mods = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj]
+    As = [mod.lora_A[n].weight for mod in mods for n in mod.active_adapters]
+    B_ref = torch.zeros(sum(mod.base_layer.weight.shape[0] for mod in mods), sum(a.shape[0] for a in As))
+    r0 = c = 0
+    for mod in mods:
+        for n in mod.active_adapters:
+            Bn = mod.lora_B[n].weight * mod.scaling[n]
+            B_ref[r0:r0 + Bn.shape[0], c:c + Bn.shape[1]] = Bn
+            c += Bn.shape[1]
+        r0 += mod.base_layer.weight.shape[0]
+    q = lazy.layers[0].qkv.stacked()
+    assert torch.equal(q.A, torch.cat(As)) and torch.equal(q.B, B_ref) and q.B.requires_grad
+    for La, Le in zip(lazy.layers, eager.layers):
+        for g in ("qkv", "o", "gu", "down"):
+            a, e = getattr(La, g).stacked(), getattr(Le, g)
+            assert torch.equal(a.A, e.A) and torch.equal(a.B, e.B) and a.parts == e.parts
+    lazy = llama.plan(m)
+    x = torch.randn(5, lazy.layers[0].qkv.W.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = lazy.layers[0].qkv(x), eager.layers[0].qkv(x)
+    assert lazy.layers[0].qkv.A is not None and torch.equal(got, ref)
+
+
+def test_write_loops_fold_frozen_adapters_once(tiny, monkeypatch):
+    """Inside step_cache(), fp32 CPU training folds adapters that take no gradient (a slow adapter
+    beside the trained fast one) into the loop's copy of each group's weights once: the loss and the
+    fast adapter's gradients of the unfolded form within fp32 rounding; the fold is reused while the
+    weights stay, redone when a frozen adapter is written; outside step_cache nothing is folded."""
+    m = _lora(tiny.model, ("fast", "slow"), r=4)
+    for n, p in m.named_parameters():
+        p.requires_grad_(".fast." in n)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ids, att = _batch(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    folds = []
+    fw = llama._folded_weight
+
+    def spy(*a):  # records whether this call folded anew
+        old = llama._LOWP.get(("folded", id(a[0][0])))
+        out = fw(*a)
+        folds.append(old is None or out is not old[2])
+        return out
+
+    monkeypatch.setattr(llama, "_folded_weight", spy)
+
+    def run():
+        loss = lm_loss(m, ids, att, att.bool())
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    ref, gref = run()  # outside step_cache: unfolded
+    assert folds == []
+    n_groups = 4 * len(m.get_base_model().model.layers)
+    with llama.step_cache():
+        p = llama.plan(m)
+        assert all(len(getattr(L, g).loras) == n and all(A.requires_grad for _, _, A, _, _ in getattr(L, g).loras)
+                   for L in p.layers for g, n in (("qkv", 3), ("o", 1), ("gu", 2), ("down", 1)))  # the fast adapter's
+        got, g = run()
+        assert abs(got - ref) <= LOSS_TOL and all((a - b).abs().max() <= GRAD_RTOL * b.abs().max() for a, b in zip(g, gref))
+        assert len(folds) == 2 * n_groups and sum(folds) == n_groups  # built at the first plan, reused after
+        slow = [q for n, q in m.named_parameters() if ".slow." in n and "lora_B" in n][0]
+        with torch.no_grad():
+            slow.mul_(2.0)  # a written frozen adapter: its group folds again
+        folds.clear()
+        got2, _ = run()
+        assert sum(folds) == 1 and got2 != got
+    monkeypatch.setattr(llama, "FOLD_FROZEN", False)
+    assert abs(run()[0] - got2) <= LOSS_TOL

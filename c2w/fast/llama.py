@@ -144,12 +144,15 @@ class _LoraLinear(torch.autograd.Function):
             # long at gate/up's shapes; oneDNN, with a strided g_k, 400x)
             grads.append((xa[:, c:c + r].t() @ gk).mul_(s).t() if need[5 + 2 * k] else None)
             c += r
-        dA = dxa.t() @ x if any(need[4::2]) else None  # [R, in]
+        # dA: one product for the whole stacked rank where every A trains, else only the ranks that do (c2w's
+        # frozen slow adapter, up to rank 128 a module, sits beside the trained fast one)
+        dA = dxa.t() @ x if all(need[4::2]) else None  # [R, in]
         out = []
         c = 0
         for k, B in enumerate(Bs):
             r = B.shape[1]
-            out += [dA[c:c + r] if need[4 + 2 * k] else None, grads[k]]
+            dA_k = None if not need[4 + 2 * k] else dA[c:c + r] if dA is not None else dxa[:, c:c + r].t() @ x
+            out += [dA_k, grads[k]]
             c += r
         gx = None
         if need[0]:
@@ -173,11 +176,37 @@ class Lin:
     # adds each block's product alone
     loras: tuple[tuple[int, int, torch.Tensor, torch.Tensor, float], ...] | None = None  # (row0, row1, A_k,
     # B_k, s_k) for each adapter of each module, unstacked and unscaled (the live parameters, or their casts
-    # to the plan's dtype): `_LoraLinear`
+    # to the plan's dtype): `_LoraLinear`. A training plan may leave A, B and parts to be built from them on
+    # first use (`stacked`; `_stacked(lazy=True)`)
+    rows: int | None = None  # the group's output rows, where loras is set (W may be a placeholder or packed)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether adapters add to this projection (stacked or not yet)."""
+        return self.A is not None or bool(self.loras)
+
+    def stacked(self) -> "Lin":
+        """self, with A [R, in] (the adapters stacked along the rank), B [out, R] (block-structured: a
+        module's rows see only its adapters' ranks, scaled) and parts built from `loras` if not yet."""
+        if self.A is None and self.loras:
+            As = [A for _, _, A, _, _ in self.loras]
+            A = As[0] if len(As) == 1 else torch.cat(As, 0)
+            B = A.new_zeros(self.rows, A.shape[0])
+            parts, c = [], 0
+            for r0, r1, _, Bk, s in self.loras:
+                B[r0:r1, c:c + Bk.shape[1]] = Bk * s
+                if parts and parts[-1][:2] == (r0, r1):  # one block per module, all its adapters' ranks
+                    parts[-1] = (r0, r1, parts[-1][2], c + Bk.shape[1])
+                else:
+                    parts.append((r0, r1, c, c + Bk.shape[1]))
+                c += Bk.shape[1]
+            self.A, self.B, self.parts = A, B, tuple(parts)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         W = self.W
         if self.P is not None:
+            self.stacked()
             if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (
                     x.requires_grad or W.requires_grad or self.A is not None and (self.A.requires_grad or self.B.requires_grad))):
                 y = _lp(x, self.P, self.b)
@@ -193,6 +222,7 @@ class Lin:
             y = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), W, self.b, tuple((r0, r1, s) for r0, r1, _, _, s in self.loras),
                                   *[t for _, _, A, B, _ in self.loras for t in (A, B)])  # (2-D: see `linear`)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], W.shape[0])
+        self.stacked()
         y = linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
         if self.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
@@ -233,8 +263,8 @@ class Plan:
 
     @property
     def has_lora(self) -> bool:
-        return any(L.qkv.A is not None or L.gu.A is not None or L.o.A is not None or L.down.A is not None
-                   for L in self.layers) or self.head.A is not None
+        return any(L.qkv.adapted or L.gu.adapted or L.o.adapted or L.down.adapted
+                   for L in self.layers) or self.head.adapted
 
 
 class Unsupported(Exception):
@@ -404,6 +434,7 @@ def dense(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _lin_tensors(L: Lin) -> list[torch.Tensor | None]:
+    L.stacked()
     return [L.W, L.b, L.A, L.B]
 
 
@@ -429,7 +460,7 @@ def clone_plan(p: Plan) -> Plan:
             memo[id(t)] = dense(t) if t.is_mkldnn else t.detach().clone()
         return memo[id(t)]
 
-    cl = lambda L: Lin(c(L.W), c(L.b), c(L.A), c(L.B), parts=L.parts)  # noqa: E731
+    cl = lambda L: Lin(c(L.W), c(L.b), c(L.stacked().A), c(L.B), parts=L.parts)  # noqa: E731
     return dataclasses.replace(
         p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
         layers=[Layer(c(L.ln1), cl(L.qkv), cl(L.o), c(L.ln2), cl(L.gu), cl(L.down)) for L in p.layers])
@@ -500,7 +531,8 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
 
 
 # What a write loop keeps across its steps, only inside `step_cache()`, which the loop holds and which
-# forgets everything at exit:
+# forgets everything at exit (and, in fp32 training, the groups' weights with frozen adapters folded in:
+# `FOLD_FROZEN`):
 # - frozen weights cast once for CPU bf16 autocast, which would otherwise re-cast every frozen fp32
 #   weight at every use (about 10% of a bf16 write step), and in fp32 the fused groups' frozen weights
 #   (q/k/v, gate/up) concatenated once: a fresh 280 MB copy per step for SmolLM2-135M, 3-9% of an fp32
@@ -512,7 +544,8 @@ def _pieces(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Te
 #   apiece in fp32). A fresh 100 MB tensor costs its page faults, memory already touched does not:
 #   about 6% of a bf16 write step at 8 x 64 on the dev machine (BENCHMARKS.md, session 18); fp32
 #   steps showed no measurable change.
-_LOWP: dict[int, tuple] | None = None  # id(first weight) -> (check, cast tensor); None: no cache
+_LOWP: dict[int | tuple, tuple] | None = None  # id(first weight) -> (check, cast tensor), ("folded", id(first
+# weight)) -> (check, weights with frozen adapters folded in: `_folded_weight`); None: no cache
 _SCRATCH: dict[str, torch.Tensor] | None = None  # slot -> bytes
 _USERS = 0  # open step_cache() blocks (write loops are generators: they may interleave)
 
@@ -648,6 +681,29 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     return hit[2]
 
 
+# Inside `step_cache()`, fp32 CPU training: adapters that take no gradient (c2w's slow adapter beside the
+# trained fast one) are folded into the write loop's copy of the group's frozen weights once, not added
+# at every step (at rank 128 beside a rank-16 fast adapter they took about a third of a step)
+FOLD_FROZEN = True
+
+
+def _folded_weight(Ws: list[torch.Tensor], frozen: list[list[tuple]], dtype) -> torch.Tensor:
+    """cat(Ws) + the frozen adapters (per module: [(A, B, s), ...]) folded in, one addmm over the group as
+    in an inference plan's fold; kept in `step_cache()` and checked like `_fused_weight`'s entries (the
+    weights and the adapters' tensors: identity, version, storage)."""
+    ts = Ws + [t for fr in frozen for A, B, _ in fr for t in (A, B)]
+    key = _weights_key(ts)
+    k = ("folded", id(Ws[0]))  # (beside a plain concatenation's entry, where a loop has both kinds of step)
+    hit = _LOWP.get(k)
+    if hit is None or not _same_weights(hit[0], ts) or hit[1] != key or hit[2].dtype != dtype:
+        with torch.no_grad():
+            W = torch.cat(Ws, 0) if len(Ws) > 1 else Ws[0].to(dtype, copy=True)
+            st = _stacked([(w, None, fr) for w, fr in zip(Ws, frozen)], dtype, W)
+            W.addmm_(st.B, st.A)
+        hit = _LOWP[k] = ([weakref.ref(t) for t in ts], key, W)
+    return hit[2]
+
+
 def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = False,
           tokens: int | None = None) -> Lin:
     """One Lin computing the concatenated outputs of `mods` (all reading the same input). fold: the
@@ -665,8 +721,19 @@ def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None,
         if P is not None:  # the kept packed weights, the adapters live (W is P: see Lin.P)
             return dataclasses.replace(_stacked(parts, dtype, Ws[0]), W=P, P=P)
     if not (low or fold and has_lora):
-        lin = _stacked(parts, dtype)  # the weights as they are (concatenated), adapters live
-        if fold and pack and lin.A is None:  # an inference plan's weights; a concatenation no gradient
+        # the weights as they are (concatenated), adapters live; in fp32 CPU training their stacked form
+        # waits for a use (`_LoraLinear` reads the adapters unstacked): at rank 144 a module (c2w's slow
+        # adapter beside the fast one) building it took about 0.2 s a step
+        lazy = (not fold and FUSED_LORA and dtype == torch.float32 and torch.is_grad_enabled()
+                and Ws[0].device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
+        if lazy and FOLD_FROZEN and _LOWP is not None and has_lora and not any(w.requires_grad for w in Ws):
+            trains = lambda t: t[0].requires_grad or t[1].requires_grad  # noqa: E731  (an (A, B, s))
+            frozen = [[t for t in p[2] if not trains(t)] for p in parts]
+            if any(frozen):  # a write loop's frozen adapters, folded into its copy of the weights once
+                live = [(w, bb, [t for t in ls if trains(t)]) for w, bb, ls in parts]
+                return _stacked(live, dtype, _folded_weight(Ws, frozen, dtype), lazy=True)
+        lin = _stacked(parts, dtype, lazy=lazy)
+        if fold and pack and not lin.adapted:  # an inference plan's weights; a concatenation no gradient
             # reaches is a copy of its own
             return _with_packed(lin, own=not any(lin.W is w for w in Ws) and not lin.W.requires_grad)
         return lin
@@ -706,9 +773,9 @@ def _with_packed(lin: Lin, own: bool) -> Lin:
     return Lin(P if own and _build_at() is None else lin.W, lin.b, None, None, P)
 
 
-def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
+def _stacked(parts, dtype, W: torch.Tensor | None = None, lazy: bool = False) -> Lin:
     """The group's weights concatenated (or W, when given), its adapters stacked along the rank (B
-    block-structured)."""
+    block-structured; `Lin.stacked`), or (lazy) left to be stacked on first use."""
     Ws = [p[0] for p in parts]
     W = _fused_weight(Ws) if W is None else W
     bs = [p[1] for p in parts]
@@ -716,30 +783,15 @@ def _stacked(parts, dtype, W: torch.Tensor | None = None) -> Lin:
         b = None
     else:
         b = torch.cat([bb if bb is not None else W.new_zeros(w.shape[0]) for bb, w in zip(bs, Ws)])
-    As, Bs, raw, r0 = [], [], [], 0
+    raw, r0 = [], 0
     for (w, _, loras) in parts:
-        blocks = []
         for A, B, s in loras:
-            As.append(A.to(dtype))
-            blocks.append(B.to(dtype) * s)
             raw.append((r0, r0 + w.shape[0], A.to(dtype), B.to(dtype), s))
-        Bs.append((w.shape[0], blocks))
         r0 += w.shape[0]
-    if not As:
+    if not raw:
         return Lin(W, b, None, None)
-    A = As[0] if len(As) == 1 else torch.cat(As, 0)
-    # B is block-structured: rows of module j only see the ranks of module j's adapters.
-    R = A.shape[0]
-    rows, col, row, parts = [], 0, 0, []
-    for out, blocks in Bs:
-        r = sum(bl.shape[1] for bl in blocks)
-        cat = torch.cat(blocks, 1) if len(blocks) > 1 else (blocks[0] if blocks else W.new_zeros(out, 0))
-        rows.append(F.pad(cat, (col, R - col - r)) if R != r else cat)
-        if r:
-            parts.append((row, row + out, col, col + r))
-        col, row = col + r, row + out
-    B = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
-    return Lin(W, b, A, B, parts=tuple(parts), loras=tuple(raw))
+    lin = Lin(W, b, None, None, loras=tuple(raw), rows=r0)
+    return lin if lazy else lin.stacked()
 
 
 def plan(model, *, fold: bool = False, dtype: torch.dtype | None = None, tokens: int | None = None) -> Plan | None:
@@ -1134,7 +1186,7 @@ def linear_ce(h: torch.Tensor, head: Lin, t: torch.Tensor, denom, chunk: int | N
     if chunk is None:
         budget = 2 ** 27 if h.device.type == "cuda" else 2 ** 25  # logits elements per chunk (CPU: 8 x 64 in one)
         chunk = max(16, budget // head.W.shape[0])
-    if head.A is not None or head.b is not None:  # rare (LoRA or a bias on lm_head): plain autograd
+    if head.adapted or head.b is not None:  # rare (LoRA or a bias on lm_head): plain autograd
         nll = F.cross_entropy(head(h).float(), t, reduction="none")
         return (nll if weight is None else nll * weight).sum() / denom
     return _LinearCE.apply(h, head.W, t, denom if torch.is_tensor(denom) else float(denom), chunk, weight)
