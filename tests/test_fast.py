@@ -1104,6 +1104,11 @@ def test_training_plans_stack_adapters_only_on_use(tiny):
             a, e = getattr(La, g).stacked(), getattr(Le, g)
             assert torch.equal(a.A, e.A) and torch.equal(a.B, e.B) and a.parts == e.parts
     lazy = llama.plan(m)
+    with torch.no_grad():  # stacked with gradients off: a copy, so that a later use with gradients reaches them
+        assert not lazy.layers[0].o.stacked().B.requires_grad and lazy.layers[0].o.A is None
+    with llama.step_cache(), torch.autocast("cpu", dtype=torch.bfloat16):  # the stacked form, with its gradients
+        lazy.layers[0].o(torch.randn(5, lazy.layers[0].o.W.shape[1])).float().sum().backward()
+    assert lazy.layers[0].o.B.requires_grad and blk.self_attn.o_proj.lora_B["fast"].weight.grad.abs().sum() > 0
     x = torch.randn(5, lazy.layers[0].qkv.W.shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, ref = lazy.layers[0].qkv(x), eager.layers[0].qkv(x)
@@ -1151,5 +1156,11 @@ def test_write_loops_fold_frozen_adapters_once(tiny, monkeypatch):
         folds.clear()
         got2, _ = run()
         assert sum(folds) == 1 and got2 != got
+        mod = m.get_base_model().model.layers[0].mlp.down_proj
+        mod.scaling["slow"] *= 3.0  # a changed scale (PEFT's set_scale): that group folds again
+        folds.clear()
+        got3, _ = run()
+        mod.scaling["slow"] /= 3.0
+        assert sum(folds) == 1 and got3 != got2
     monkeypatch.setattr(llama, "FOLD_FROZEN", False)
     assert abs(run()[0] - got2) <= LOSS_TOL

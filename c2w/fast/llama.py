@@ -108,8 +108,8 @@ class _LoraLinear(torch.autograd.Function):
     """y = x W^T (+ b) + sum_k s_k (x A_k^T) B_k^T, each adapter's product added to its own module's rows
     r0_k:r1_k of y only, fp32 on the CPU (`_fused_lora`). Against the stacked form (A_k stacked along the
     rank, B block-structured and scaled, through autograd) it skips B's zero blocks (two thirds of q/k/v's,
-    half of gate/up's) in the forward and in both of B's gradient products, and the backward of the
-    stacking (the plan still builds the stacked A and B, which this path does not read). W is frozen (no
+    half of gate/up's) in the forward and in both of B's gradient products, and the stacking and its
+    backward (a training plan leaves the stacked A and B unbuilt: `Lin.stacked`). W is frozen (no
     dW); the bias takes no gradient. No second derivatives (`once_differentiable`: they raise)."""
 
     @staticmethod
@@ -187,49 +187,60 @@ class Lin:
 
     def stacked(self) -> "Lin":
         """self, with A [R, in] (the adapters stacked along the rank), B [out, R] (block-structured: a
-        module's rows see only its adapters' ranks, scaled) and parts built from `loras` if not yet."""
-        if self.A is None and self.loras:
-            As = [A for _, _, A, _, _ in self.loras]
-            A = As[0] if len(As) == 1 else torch.cat(As, 0)
-            B = A.new_zeros(self.rows, A.shape[0])
-            parts, c = [], 0
-            for r0, r1, _, Bk, s in self.loras:
-                B[r0:r1, c:c + Bk.shape[1]] = Bk * s
-                if parts and parts[-1][:2] == (r0, r1):  # one block per module, all its adapters' ranks
-                    parts[-1] = (r0, r1, parts[-1][2], c + Bk.shape[1])
-                else:
-                    parts.append((r0, r1, c, c + Bk.shape[1]))
-                c += Bk.shape[1]
-            self.A, self.B, self.parts = A, B, tuple(parts)
+        module's rows see only its adapters' ranks, scaled) and parts built from `loras` if not yet. Built
+        with gradients off while an adapter takes one, they go into a copy instead: self stays unbuilt, so
+        that a later use with gradients reaches the adapters."""
+        if self.A is not None or not self.loras:
+            return self
+        A, B, parts = _stack(self.loras, self.rows)
+        if not torch.is_grad_enabled() and any(t.requires_grad for _, _, a, b, _ in self.loras for t in (a, b)):
+            return dataclasses.replace(self, A=A, B=B, parts=parts)
+        self.A, self.B, self.parts = A, B, parts
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         W = self.W
         if self.P is not None:
-            self.stacked()
+            S = self.stacked()
             if x.dtype == self.P.dtype and not (torch.is_grad_enabled() and (
-                    x.requires_grad or W.requires_grad or self.A is not None and (self.A.requires_grad or self.B.requires_grad))):
+                    x.requires_grad or W.requires_grad or S.A is not None and (S.A.requires_grad or S.B.requires_grad))):
                 y = _lp(x, self.P, self.b)
-                if self.A is not None:  # an inference plan's unfolded adapters (`keep_packed`)
+                if S.A is not None:  # an inference plan's unfolded adapters (`keep_packed`)
                     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-                    xa = x2 @ self.A.t()  # [N, R]
-                    parts = self.parts if self.parts is not None else ((0, y2.shape[1], 0, xa.shape[1]),)
+                    xa = x2 @ S.A.t()  # [N, R]
+                    parts = S.parts if S.parts is not None else ((0, y2.shape[1], 0, xa.shape[1]),)
                     for r0, r1, c0, c1 in parts:  # only the nonzero blocks: a third of q/k/v's B, half of gate/up's
-                        y2[:, r0:r1].addmm_(xa[:, c0:c1], self.B[r0:r1, c0:c1].t())
+                        y2[:, r0:r1].addmm_(xa[:, c0:c1], S.B[r0:r1, c0:c1].t())
                 return y
             W = dense(W)  # (a copy per call where W is P: autograd or another input dtype, slow but right)
         if self.loras is not None and _fused_lora(x, W, self):
             y = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), W, self.b, tuple((r0, r1, s) for r0, r1, _, _, s in self.loras),
                                   *[t for _, _, A, B, _ in self.loras for t in (A, B)])  # (2-D: see `linear`)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], W.shape[0])
-        self.stacked()
+        S = self.stacked()
         y = linear(x if x.dtype == W.dtype else x.to(W.dtype), W, self.b)
-        if self.A is not None:
+        if S.A is not None:
             # in place: y is fresh, and addmm out of place copies it first. In-place ops skip autocast,
             # so the casts it would make (to y's dtype) are spelled out
-            xa = x @ self.A.t()
-            y = y.addmm_(xa.to(y.dtype), self.B.t().to(y.dtype))
+            xa = x @ S.A.t()
+            y = y.addmm_(xa.to(y.dtype), S.B.t().to(y.dtype))
         return y
+
+
+def _stack(loras, rows: int) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
+    """(A, B, parts) of `Lin.stacked` from a Lin's `loras` and its output rows."""
+    As = [A for _, _, A, _, _ in loras]
+    A = As[0] if len(As) == 1 else torch.cat(As, 0)
+    B = A.new_zeros(rows, A.shape[0])
+    parts, c = [], 0
+    for r0, r1, _, Bk, s in loras:
+        B[r0:r1, c:c + Bk.shape[1]] = Bk * s
+        if parts and parts[-1][:2] == (r0, r1):  # one block per module, all its adapters' ranks
+            parts[-1] = (r0, r1, parts[-1][2], c + Bk.shape[1])
+        else:
+            parts.append((r0, r1, c, c + Bk.shape[1]))
+        c += Bk.shape[1]
+    return A, B, tuple(parts)
 
 
 @dataclass
@@ -262,7 +273,7 @@ class Plan:
         return self.head.W.shape[0]
 
     @property
-    def has_lora(self) -> bool:
+    def has_lora(self) -> bool:  # (False for a training plan whose adapters are all frozen and folded: FOLD_FROZEN)
         return any(L.qkv.adapted or L.gu.adapted or L.o.adapted or L.down.adapted
                    for L in self.layers) or self.head.adapted
 
@@ -434,7 +445,7 @@ def dense(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _lin_tensors(L: Lin) -> list[torch.Tensor | None]:
-    L.stacked()
+    L = L.stacked()
     return [L.W, L.b, L.A, L.B]
 
 
@@ -460,10 +471,11 @@ def clone_plan(p: Plan) -> Plan:
             memo[id(t)] = dense(t) if t.is_mkldnn else t.detach().clone()
         return memo[id(t)]
 
-    cl = lambda L: Lin(c(L.W), c(L.b), c(L.stacked().A), c(L.B), parts=L.parts)  # noqa: E731
+    cl = lambda S: Lin(c(S.W), c(S.b), c(S.A), c(S.B), parts=S.parts)  # noqa: E731  (S: a stacked Lin)
     return dataclasses.replace(
-        p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
-        layers=[Layer(c(L.ln1), cl(L.qkv), cl(L.o), c(L.ln2), cl(L.gu), cl(L.down)) for L in p.layers])
+        p, embed=c(p.embed), norm=c(p.norm), head=cl(p.head.stacked()), head_lp=c(p.head_lp), rotary=copy.deepcopy(p.rotary),
+        layers=[Layer(c(L.ln1), cl(L.qkv.stacked()), cl(L.o.stacked()), c(L.ln2), cl(L.gu.stacked()),
+                      cl(L.down.stacked())) for L in p.layers])
 
 
 def plan_aliases(p: Plan) -> tuple[int, ...]:
@@ -555,8 +567,9 @@ def step_cache():
     """Keep the CPU casts (autocast) or concatenations (fp32) of frozen weights and the loss's CPU
     scratch while any such block is open; forget them when the last one closes. A write loop holds
     it across its pauses too (the runner scores learning-speed probes inside it): about 280 MB of fp32
-    concatenations for SmolLM2-135M stay alive meanwhile, and entries of models freed inside the block
-    until it closes."""
+    concatenations for SmolLM2-135M stay alive meanwhile (about 425 MB of folded weights instead, every
+    group's, where frozen adapters sit beside the trained one: `FOLD_FROZEN`), and entries of models
+    freed inside the block until it closes."""
     global _LOWP, _SCRATCH, _USERS
     if _USERS == 0:
         _LOWP, _SCRATCH = {}, {}
@@ -692,12 +705,12 @@ def _folded_weight(Ws: list[torch.Tensor], frozen: list[list[tuple]], dtype) -> 
     in an inference plan's fold; kept in `step_cache()` and checked like `_fused_weight`'s entries (the
     weights and the adapters' tensors: identity, version, storage)."""
     ts = Ws + [t for fr in frozen for A, B, _ in fr for t in (A, B)]
-    key = _weights_key(ts)
+    key = (_weights_key(ts), tuple(sc for fr in frozen for _, _, sc in fr))  # (the scales too: PEFT's set_scale)
     k = ("folded", id(Ws[0]))  # (beside a plain concatenation's entry, where a loop has both kinds of step)
     hit = _LOWP.get(k)
     if hit is None or not _same_weights(hit[0], ts) or hit[1] != key or hit[2].dtype != dtype:
         with torch.no_grad():
-            W = torch.cat(Ws, 0) if len(Ws) > 1 else Ws[0].to(dtype, copy=True)
+            W = torch.cat(Ws, 0).to(dtype) if len(Ws) > 1 else Ws[0].to(dtype, copy=True)
             st = _stacked([(w, None, fr) for w, fr in zip(Ws, frozen)], dtype, W)
             W.addmm_(st.B, st.A)
         hit = _LOWP[k] = ([weakref.ref(t) for t in ts], key, W)
