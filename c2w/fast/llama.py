@@ -4,10 +4,10 @@ Works on a plain `LlamaForCausalLM` and on a PEFT `PeftModel` with any number of
 adapters: each projection is `x W^T + sum_i s_i (x A_i^T) B_i^T`, with the adapters stacked along the
 rank and q/k/v (and gate/up) fused into one matmul, so gradients flow to the live LoRA (or base)
 parameters through ordinary autograd (fp32 CPU training: through autograd Functions with hand-written
-backward passes, `_LoraLinear`, `_RMSNorm`, `_Rope`, which hand the same gradients). What it saves over `model(...)` + PEFT: padding (sequences are
-packed into rows, attention kept per sequence by a block-diagonal mask), logits at positions nobody
-reads, and the per-module Python and elementwise work (one scaling multiply and one add per LoRA
-module and direction, separate q/k/v and gate/up launches).
+backward passes, `_LoraLinear`, `_RMSNorm`, `_Rope`, which hand the same gradients). What it saves over
+`model(...)` + PEFT: padding (sequences are packed into rows, attention kept per sequence by a
+block-diagonal mask), logits at positions nobody reads, and the per-module Python and elementwise work
+(one scaling multiply and one add per LoRA module and direction, separate q/k/v and gate/up launches).
 
 `plan(model)` returns None for anything it does not reproduce exactly (DoRA, LoRA dropout in training
 mode, biases on LoRA B, merged adapters, non-Llama layouts...); callers then use the HF path.
