@@ -48,6 +48,11 @@ def _dnn(x: torch.Tensor, W: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())  # (Inductor lowers this op only for constant weights)
 
 
+def _dnn_bias(b: torch.Tensor | None, W: torch.Tensor) -> bool:
+    """Whether oneDNN's product with W takes bias b as it is: none, or fp32 with one value per row of W."""
+    return b is None or b.dtype == torch.float32 and b.shape == W.shape[:1]
+
+
 def _lp(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, W, b, "none", [], "")
 
@@ -79,7 +84,7 @@ class _DnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, b), through oneDNN where `_dnn` applies (with autograd where a gradient is recorded)."""
-    if not _dnn(x, W) or b is not None and (b.dtype != torch.float32 or b.shape != W.shape[:1]):
+    if not (_dnn(x, W) and _dnn_bias(b, W)):
         return F.linear(x, W, b)
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or b is not None and b.requires_grad):
         # on 2-D rows: a custom Function's output must not be a view (oneDNN's is, for a 3-D input), or no
@@ -97,7 +102,7 @@ FUSED_LORA = True
 def _fused_lora(x: torch.Tensor, W: torch.Tensor, lin: "Lin") -> bool:
     if not (FUSED_LORA and torch.is_grad_enabled() and _dnn(x, W)) or W.requires_grad:
         return False
-    if lin.b is not None and (lin.b.requires_grad or lin.b.dtype != torch.float32 or lin.b.shape != W.shape[:1]):
+    if not _dnn_bias(lin.b, W) or lin.b is not None and lin.b.requires_grad:
         return False
     ts = [t for _, _, A, B, _ in lin.loras for t in (A, B)]
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
@@ -129,10 +134,9 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
+    def backward(ctx, g):  # g [N, out]
         x, W, xa, A, *Bs = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = gy  # [N, out]
         dxa = g.new_empty(g.shape[0], A.shape[0])  # [N, R]
         grads = []
         c = 0
@@ -685,12 +689,20 @@ def _fused_weight(Ws: list[torch.Tensor]) -> torch.Tensor:
     if (_LOWP is None or want == Ws[0].dtype and len(Ws) == 1 or any(w.requires_grad for w in Ws)
             or Ws[0].device.type != "cpu" or torch.is_inference_mode_enabled()):
         return Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)  # a fresh copy per plan: never stale
-    key = _weights_key(Ws)
-    hit = _LOWP.get(id(Ws[0]))
-    if hit is None or not _same_weights(hit[0], Ws) or hit[1] != key or hit[2].dtype != want:
+
+    def cast():
         with torch.autocast("cpu", enabled=False):
-            cast = (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(want)
-        hit = _LOWP[id(Ws[0])] = ([weakref.ref(w) for w in Ws], key, cast)
+            return (Ws[0] if len(Ws) == 1 else torch.cat(Ws, 0)).to(want)
+
+    return _step_kept(id(Ws[0]), Ws, _weights_key(Ws), want, cast)
+
+
+def _step_kept(k, ts: list[torch.Tensor], key, dtype: torch.dtype, build) -> torch.Tensor:
+    """`_LOWP[k]`'s tensor, derived from ts (of dtype `dtype`), or build()'s, kept there, where the entry
+    is missing or stale: ts are no longer the same tensors, or `key` (their versions, storage...) moved."""
+    hit = _LOWP.get(k)
+    if hit is None or not _same_weights(hit[0], ts) or hit[1] != key or hit[2].dtype != dtype:
+        hit = _LOWP[k] = ([weakref.ref(t) for t in ts], key, build())
     return hit[2]
 
 
@@ -706,15 +718,15 @@ def _folded_weight(Ws: list[torch.Tensor], frozen: list[list[tuple]], dtype) -> 
     weights and the adapters' tensors: identity, version, storage)."""
     ts = Ws + [t for fr in frozen for A, B, _ in fr for t in (A, B)]
     key = (_weights_key(ts), tuple(sc for fr in frozen for _, _, sc in fr))  # (the scales too: PEFT's set_scale)
-    k = ("folded", id(Ws[0]))  # (beside a plain concatenation's entry, where a loop has both kinds of step)
-    hit = _LOWP.get(k)
-    if hit is None or not _same_weights(hit[0], ts) or hit[1] != key or hit[2].dtype != dtype:
+
+    def fold():
         with torch.no_grad():
             W = torch.cat(Ws, 0).to(dtype) if len(Ws) > 1 else Ws[0].to(dtype, copy=True)
             st = _stacked([(w, None, fr) for w, fr in zip(Ws, frozen)], dtype, W)
-            W.addmm_(st.B, st.A)
-        hit = _LOWP[k] = ([weakref.ref(t) for t in ts], key, W)
-    return hit[2]
+            return W.addmm_(st.B, st.A)
+
+    # (keyed beside a plain concatenation's entry, where a loop has both kinds of step)
+    return _step_kept(("folded", id(Ws[0])), ts, key, dtype, fold)
 
 
 def _fuse(mods, dtype, fold: bool = False, out_dtype: torch.dtype | None = None, pack: bool = False,
