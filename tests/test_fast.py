@@ -1164,3 +1164,17 @@ def test_write_loops_fold_frozen_adapters_once(tiny, monkeypatch):
         assert sum(folds) == 1 and got3 != got2
     monkeypatch.setattr(llama, "FOLD_FROZEN", False)
     assert abs(run()[0] - got2) <= LOSS_TOL
+
+
+def test_hand_written_backward_passes_refuse_second_derivatives():
+    """The hand-written backward passes record no graph of their own: asking for second derivatives
+    through them raises, where a silent wrong answer would be worse (first derivatives still flow)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g).requires_grad_()
+    w = torch.randn(8, generator=g)
+    W, loras, xl = _adapter_lin(g)
+    for y, inp in ((llama.rms(x, w, 1e-6), x), (llama.Lin(W, None, None, None, loras=loras, rows=10)(xl), xl)):
+        gx, = torch.autograd.grad(y.square().sum(), inp, create_graph=True)
+        assert gx.abs().sum() > 0
+        with pytest.raises(RuntimeError):
+            gx.sum().backward()
